@@ -1,0 +1,157 @@
+"""A decoder-only transformer of the Llama family, in plain PyTorch.
+
+Pre-norm blocks: x += attention(rmsnorm(x)); x += mlp(rmsnorm(x)). Attention uses rotary
+position embeddings in the Hugging Face "two halves" layout and grouped-query attention: each
+group of n_heads // n_kv_heads query heads shares one key/value head. The same forward runs a
+whole sequence (no cache), a prompt into a cache (prefill), or a few new tokens against the
+cache (decode); the caller says where the tokens go with `start` and what each may see with `mask`.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 so half-precision weights do not lose the small mean of squares.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float):
+    """Return cos and sin tables, each [max_pos, head_dim], for the two-halves rotary layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # dim i and i + head_dim/2 share an angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[i], x[i + head_dim/2]) of x [b, heads, t, head_dim] by its angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # q: [b, n_heads, t, head_dim]; k, v: [b, n_kv_heads, t, head_dim]
+
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # now [b, n_kv_heads, start + t, head_dim]
+
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w_down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer, start):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # A tied model reads its classifier from the embedding matrix; it has no lm_head.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size,
+                                                                 bias=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_rope()
+
+    def reset_rope(self):
+        """(Re)build the rotary tables on the embedding's device; a model built on the "meta"
+        device for loading has none until its weights are assigned."""
+        device = self.embed.weight.device
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def forward(self, tokens, positions, mask=None, cache: KVCache | None = None, start: int = 0,
+                last_only: bool = False):
+        """Return logits [b, t, vocab] (or [b, 1, vocab] with last_only) for tokens [b, t].
+
+        positions [b, t] are each token's position in its own sequence (left padding makes them
+        differ per row). mask [b, 1, t, start + t] is True where a query may attend to a key
+        slot; None lets every query see every key. With a cache, the tokens' keys and values are
+        written at slots start..start+t-1 and the queries attend to slots 0..start+t-1.
+        """
+        x = self.embed(tokens)  # [b, t, dim]
+        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [b, 1, t, head_dim]
+        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, start)
+
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)
+
+
+def attention_mask(pad_lens: torch.Tensor, start: int, t: int) -> torch.Tensor:
+    """Return the boolean mask [b, 1, t, start + t] for t queries at slots start..start+t-1.
+
+    Query slot s sees key slot j when j <= s (causal, aligned to the end: with fewer queries than
+    keys, the last query sees every key) and j is not left padding of that row. A padding query
+    sees itself too, so no softmax row is empty: its output is never used, but a NaN there would
+    reach the real rows through the cached keys and values.
+    """
+    device = pad_lens.device
+    key_slots = torch.arange(start + t, device=device)  # [start + t]
+    query_slots = torch.arange(start, start + t, device=device)  # [t]
+    causal = key_slots[None, :] <= query_slots[:, None]  # [t, start + t]
+    not_pad = key_slots[None, :] >= pad_lens[:, None]  # [b, start + t]
+    itself = key_slots[None, :] == query_slots[:, None]
+    mask = (causal[None] & not_pad[:, None, :]) | itself[None]
+    return mask.unsqueeze(1)
