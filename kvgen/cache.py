@@ -7,7 +7,7 @@ class KVCache:
     """Keys and values of every layer for a batch, in slots 0..max_len-1.
 
     Slot j of every row holds the token fed at step j of that batch (left padding included), so
-    one integer, `length`, says how many slots are filled for all rows.
+    all rows fill the same slots at the same time; the caller says where with `start`.
     """
 
     def __init__(self, *, n_layers: int, batch: int, n_kv_heads: int, max_len: int,
@@ -17,12 +17,12 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
-        self.length = 0
 
     @staticmethod
     def bytes_for(*, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                   dtype: torch.dtype = torch.float32) -> int:
-        """Return the cache size in bytes: 2 (K and V) x layers x batch x heads x dim x slots x bytes."""
+        """Return the cache size in bytes: 2 (K and V) x layers x batch x kv heads x head_dim
+        x slots x bytes per element."""
         bytes_per_element = torch.empty((), dtype=dtype).element_size()
         return 2 * n_layers * batch * n_kv_heads * head_dim * max_len * bytes_per_element
 

@@ -1,4 +1,7 @@
-"""The `kvgen` command line: generate and convert. Text goes to stdout, stats and errors to stderr."""
+"""The `kvgen` command line: generate and convert.
+
+Generated text goes to stdout; the stats line, logs and errors go to stderr.
+"""
 
 import argparse
 import logging

@@ -71,7 +71,8 @@ class ModelConfig:
             "head_dim": self.head_dim,
             "max_position_embeddings": self.max_seq_len,
             "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
+            "rope_theta": self.rope_theta,  # read by transformers 4
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},  # and 5
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
             "attention_bias": False,
@@ -111,8 +112,16 @@ def config_from_hf(path: Path) -> ModelConfig:
             f"{path}: model_type {model_type!r} is not supported; "
             f"kvgen supports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    for option, ok in (("rope_scaling", None), ("hidden_act", "silu"),
-                       ("attention_bias", False), ("mlp_bias", False)):
+    # transformers 5 writes rope settings as "rope_parameters"; earlier versions as rope_theta
+    # plus an optional "rope_scaling". Only plain rotary embeddings are supported so far.
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise KvgenError(f"{path}: rope_parameters must be an object, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise KvgenError(f"{path}: rope scaling of type {rope_type!r} is not supported "
+                         f"(kvgen supports plain rotary embeddings)")
+    for option, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if raw.get(option, ok) != ok:
             raise KvgenError(f"{path}: {option}={raw[option]!r} is not supported "
                              f"(kvgen expects {ok!r})")
@@ -125,7 +134,7 @@ def config_from_hf(path: Path) -> ModelConfig:
     fields["n_kv_heads"] = raw.get("num_key_value_heads") or raw["num_attention_heads"]
     fields["head_dim"] = raw.get("head_dim")
     fields["norm_eps"] = float(raw.get("rms_norm_eps", 1e-6))
-    fields["rope_theta"] = float(raw.get("rope_theta", 10000.0))
+    fields["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
     fields["tie_embeddings"] = bool(raw.get("tie_word_embeddings", False))
     return ModelConfig(model_type=model_type, **fields)
 

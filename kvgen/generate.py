@@ -128,7 +128,6 @@ def generate_steps(model: Transformer, prompts: list[list[int]], *, max_new_toke
     stats.prefill_s = time.perf_counter() - start
 
     running = list(range(batch))
-    new_counts = [0] * batch
     for step in range(max_new_tokens):
         if on_logits is not None:
             on_logits(logits[:, -1])
@@ -141,14 +140,13 @@ def generate_steps(model: Transformer, prompts: list[list[int]], *, max_new_toke
         out = []
         for row in running:
             token_id = next_ids[row]
-            new_counts[row] += 1
             if token_id in stop_token_ids:
                 out.append(StepToken(row, token_id, texts[row].finish(), "stop"))
                 continue
             text = texts[row].add(token_id)
             if texts[row].stopped:
                 out.append(StepToken(row, token_id, text, "stop"))
-            elif new_counts[row] == max_new_tokens:
+            elif step + 1 == max_new_tokens:
                 out.append(StepToken(row, token_id, text + texts[row].finish(), "length"))
             else:
                 out.append(StepToken(row, token_id, text, None))

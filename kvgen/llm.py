@@ -184,7 +184,7 @@ def load(model=None, *, dtype=None, device=None, tokenizer=None) -> LLM:
     if not path.exists():
         raise KvgenError(f"model path {path} does not exist")
     dtype = _dtype(dtype)
-    device = torch.device(device or "cpu")
+    device = _device(device)
 
     if path.is_dir() and (path / "config.json").exists():
         net = load_hf_dir(path, dtype=dtype, device=device)
@@ -213,6 +213,16 @@ def _dtype(dtype):
     if dtype not in _DTYPES:
         raise KvgenError(f"unknown dtype {dtype!r}; expected one of float32, bfloat16, float16")
     return _DTYPES[dtype]
+
+
+def _device(device) -> torch.device:
+    try:
+        device = torch.device(device or "cpu")
+    except RuntimeError as e:
+        raise KvgenError(f"unknown device {device!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KvgenError("device 'cuda' was asked for, but this PyTorch sees no CUDA device")
+    return device
 
 
 def _optional_tokenizer(folder: Path) -> Tokenizer | None:

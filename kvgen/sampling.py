@@ -23,7 +23,8 @@ class SamplingParams:
             raise KvgenError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise KvgenError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+        if self.seed is not None and (not isinstance(self.seed, int)
+                                      or isinstance(self.seed, bool)):
             raise KvgenError(f"seed must be an integer, got {self.seed!r}")
 
     @property

@@ -22,7 +22,7 @@ def test_generate_streams_text_and_ends_with_stats(goldens):
     assert proc.stdout == case["text"] + "\n"  # the prompt, then the text, as run.c prints
     stats = proc.stderr.strip().splitlines()[-1]
     for field in ("prompt tokens 5", "new tokens 60", "prefill", "time to first token",
-                  "tokens/s", "KV cache 61440 bytes"):  # 2*5 layers*4 heads*8*64 slots*4 bytes
+                  "tokens/s", "KV cache 81920 bytes"):  # 2*5 layers*4 heads*8*64 slots*4 bytes
         assert field in stats
 
 
