@@ -43,3 +43,55 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def key_slots(self, start: int, t: int) -> torch.Tensor:
+        """Return the slot of each key update() returns after writing t tokens at start."""
+        return torch.arange(start + t, device=self.k.device)
+
+
+class SlidingWindowCache:
+    """Keys and values of the last `window` slots only, in a ring: slot j lives at j % window.
+
+    For sliding-window attention (Mistral), where no query looks further back than the window,
+    so memory stops growing there. update() returns the ring's earlier contents followed by the
+    new tokens; key_slots() says which slot each of those is, for the attention mask.
+    """
+
+    def __init__(self, *, n_layers: int, batch: int, n_kv_heads: int, window: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32, device="cpu"):
+        shape = (n_layers, batch, n_kv_heads, window, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.window = window
+
+    @property
+    def nbytes(self) -> int:
+        """Return the bytes this cache holds, K and V together."""
+        return self.k.nbytes + self.v.nbytes
+
+    def _earlier_slots(self, start: int) -> torch.Tensor:
+        """Return the slot held at each ring index before slot `start` is written."""
+        filled = min(start, self.window)
+        ring = torch.arange(filled, device=self.k.device)
+        # The latest slot before `start` that maps to ring index r.
+        return start - 1 - (start - 1 - ring) % self.window
+
+    def key_slots(self, start: int, t: int) -> torch.Tensor:
+        new = torch.arange(start, start + t, device=self.k.device)
+        return torch.cat([self._earlier_slots(start), new])
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the last `window` of k, v ([batch, n_kv_heads, t, head_dim]) in the ring.
+
+        Returns the earlier ring contents followed by all t new keys and values: the t queries
+        together may look back up to window - 1 slots before the first of them.
+        """
+        t, filled = k.shape[2], min(start, self.window)
+        keys = torch.cat([self.k[layer, :, :, :filled], k], dim=2)
+        values = torch.cat([self.v[layer, :, :, :filled], v], dim=2)
+
+        kept = min(t, self.window)
+        ring_index = torch.arange(start + t - kept, start + t, device=k.device) % self.window
+        self.k[layer, :, :, ring_index] = k[:, :, t - kept:]
+        self.v[layer, :, :, ring_index] = v[:, :, t - kept:]
+        return keys, values

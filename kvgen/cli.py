@@ -37,8 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands")
 
     gen = commands.add_parser("generate", help="generate text from one or more prompts")
-    gen.add_argument("--model", help="Hugging Face directory, llama2.c checkpoint or its folder "
+    gen.add_argument("--model", help="Hugging Face directory, llama2.c checkpoint or its folder, "
+                     "or a Hugging Face repo id in the local cache "
                      "(default: the small model bundled with kvgen)")
+    gen.add_argument("--download", action="store_true",
+                     help="fetch a Hugging Face repo id missing from the local cache")
     gen.add_argument("--tokenizer", help="tokenizer file, if not found beside the model")
     gen.add_argument("--prompt", action="append", required=True,
                      help="prompt text; repeat for a batch")
@@ -67,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args) -> int:
     from .llm import load
 
-    llm = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    llm = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
+               download=args.download)
     options = dict(max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, stop=args.stop)

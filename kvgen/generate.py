@@ -11,7 +11,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from .cache import KVCache
+from .cache import KVCache, SlidingWindowCache
 from .model import Transformer, attention_mask
 from .sampling import Sampler
 
@@ -112,19 +112,21 @@ def generate_steps(model: Transformer, prompts: list[list[int]], *, max_new_toke
 
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)  # [batch]
     tokens = torch.tensor([[PAD_ID] * (longest - len(p)) + p for p in prompts], device=device)
-    has_padding = bool(pad.any())
+    window = model.cfg.sliding_window
+    # Decode steps need no mask when every query may see every key the cache returns.
+    decode_needs_mask = bool(pad.any()) or window is not None
     cache = None
     if use_cache:
         # The last new token is never fed back, so it needs no slot.
-        cache = KVCache(n_layers=model.cfg.n_layers, batch=batch,
-                        n_kv_heads=model.cfg.n_kv_heads, max_len=longest + max_new_tokens - 1,
-                        head_dim=model.cfg.head_dim, dtype=model.embed.weight.dtype,
-                        device=device)
+        cache = new_cache(model.cfg, batch, longest + max_new_tokens - 1,
+                          model.embed.weight.dtype, device)
         stats.kv_cache_bytes = cache.nbytes
 
     start = time.perf_counter()
     positions = (torch.arange(longest, device=device)[None] - pad[:, None]).clamp(min=0)
-    logits = model(tokens, positions, attention_mask(pad, 0, longest), cache, 0, last_only=True)
+    key_slots = cache.key_slots(0, longest) if cache is not None else None
+    mask = attention_mask(pad, 0, longest, key_slots, window)
+    logits = model(tokens, positions, mask, cache, 0, last_only=True)
     stats.prefill_s = time.perf_counter() - start
 
     running = list(range(batch))
@@ -162,13 +164,25 @@ def generate_steps(model: Transformer, prompts: list[list[int]], *, max_new_toke
         fed = torch.tensor(next_ids, device=device)[:, None]  # [batch, 1]
         if use_cache:
             slot = longest + step
-            mask = attention_mask(pad, slot, 1) if has_padding else None
+            mask = (attention_mask(pad, slot, 1, cache.key_slots(slot, 1), window)
+                    if decode_needs_mask else None)
             logits = model(fed, slot - pad[:, None], mask, cache, slot, last_only=True)
         else:
             tokens = torch.cat([tokens, fed], dim=1)
             length = tokens.shape[1]
             positions = (torch.arange(length, device=device)[None] - pad[:, None]).clamp(min=0)
-            logits = model(tokens, positions, attention_mask(pad, 0, length), last_only=True)
+            mask = attention_mask(pad, 0, length, None, window)
+            logits = model(tokens, positions, mask, last_only=True)
+
+
+def new_cache(cfg, batch: int, slots: int, dtype, device):
+    """Return an empty cache for `slots` tokens per row: a ring of the window's size when the
+    model attends through a sliding window shorter than that, else a contiguous cache."""
+    shape = dict(n_layers=cfg.n_layers, batch=batch, n_kv_heads=cfg.n_kv_heads,
+                 head_dim=cfg.head_dim, dtype=dtype, device=device)
+    if cfg.sliding_window is not None and cfg.sliding_window < slots:
+        return SlidingWindowCache(window=cfg.sliding_window, **shape)
+    return KVCache(max_len=slots, **shape)
 
 
 def _pick(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:

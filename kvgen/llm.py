@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -174,15 +175,17 @@ class _NoText:
         return ""
 
 
-def load(model=None, *, dtype=None, device=None, tokenizer=None) -> LLM:
+def load(model=None, *, dtype=None, device=None, tokenizer=None, download: bool = False) -> LLM:
     """Return an LLM for a Hugging Face directory, a llama2.c checkpoint, or a folder holding one.
 
-    model None means the small model bundled with kvgen. dtype is a torch dtype or a name
-    ("float32", "bfloat16", "float16"); device is "cpu" (default) or e.g. "cuda".
+    model None means the small model bundled with kvgen; a name like "org/model" that is not a
+    local path is looked up in the Hugging Face cache (downloaded only with download=True).
+    dtype is a torch dtype or a name ("float32", "bfloat16", "float16"); device is "cpu"
+    (default) or e.g. "cuda".
     """
     path = Path(model) if model is not None else DEFAULT_MODEL
     if not path.exists():
-        raise KvgenError(f"model path {path} does not exist")
+        path = resolve_hub_name(str(model), download=download)
     dtype = _dtype(dtype)
     device = _device(device)
 
@@ -205,6 +208,27 @@ def load(model=None, *, dtype=None, device=None, tokenizer=None) -> LLM:
              path, net.cfg.n_layers, net.cfg.dim, net.cfg.n_heads, net.cfg.n_kv_heads,
              net.cfg.vocab_size, net.cfg.max_seq_len)
     return LLM(net, tok, stop_token_ids=stop_ids, source=path)
+
+
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_hub_name(name: str, *, download: bool = False) -> Path:
+    """Return the local snapshot folder of Hugging Face repo `name`, from the cache unless
+    download is asked for."""
+    if not _REPO_ID.match(name) or name.startswith((".", "/")):
+        raise KvgenError(f"model path {name} does not exist")
+    import huggingface_hub
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        folder = huggingface_hub.snapshot_download(name, local_files_only=not download)
+    except huggingface_hub.errors.LocalEntryNotFoundError:
+        raise KvgenError(f"model {name} is neither a local path nor in the Hugging Face cache "
+                         f"({HF_HUB_CACHE}); pass --download to fetch it") from None
+    except Exception as e:  # network, authentication, unknown repo
+        raise KvgenError(f"model {name}: cannot get it from the Hugging Face Hub ({e})") from None
+    return Path(folder)
 
 
 def _dtype(dtype):

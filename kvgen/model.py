@@ -1,17 +1,22 @@
-"""A decoder-only transformer of the Llama family, in plain PyTorch.
+"""A decoder-only transformer for the Llama, Mistral, Qwen2 and GPT-2 families, in plain PyTorch.
 
-Pre-norm blocks: x += attention(rmsnorm(x)); x += mlp(rmsnorm(x)). Attention uses rotary
-position embeddings in the Hugging Face "two halves" layout and grouped-query attention: each
-group of n_heads // n_kv_heads query heads shares one key/value head. The same forward runs a
-whole sequence (no cache), a prompt into a cache (prefill), or a few new tokens against the
-cache (decode); the caller says where the tokens go with `start` and what each may see with `mask`.
+Pre-norm blocks: x += attention(norm(x)); x += mlp(norm(x)). The families differ only in
+named options of ModelConfig: RMSNorm or LayerNorm, rotary or learned positions, a SwiGLU or a
+GELU MLP, which projections carry biases, a sliding attention window. Rotary embeddings use the
+Hugging Face "two halves" layout; grouped-query attention lets each group of
+n_heads // n_kv_heads query heads share one key/value head.
+
+The same forward runs a whole sequence (no cache), a prompt into a cache (prefill), or a few new
+tokens against the cache (decode); the caller says where the tokens go with `start` and what
+each may see with `mask`.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
 from .config import ModelConfig
 
 
@@ -28,9 +33,39 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_pos: int, theta: float):
-    """Return cos and sin tables, each [max_pos, head_dim], for the two-halves rotary layout."""
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layer":
+        return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+    return RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None = None) -> torch.Tensor:
+    """Return the rotary inverse frequencies [head_dim / 2], after any rope scaling.
+
+    "linear" divides every frequency by the factor (positions stretched alike). "llama3"
+    (Llama 3.1's published rule) leaves high frequencies, whose wavelength is short against
+    the original context, alone; divides low ones by the factor; and blends in between.
+    """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling[0] == "linear":
+        return inv_freq / scaling[1]
+
+    _, factor, low_freq_factor, high_freq_factor, original_context = scaling
+    wavelength = 2 * math.pi / inv_freq
+    long_wave = original_context / low_freq_factor  # longer than this: scale fully
+    short_wave = original_context / high_freq_factor  # shorter than this: keep
+    blend = (original_context / wavelength - low_freq_factor) / (high_freq_factor
+                                                                 - low_freq_factor)
+    blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+    scaled = torch.where(wavelength > long_wave, inv_freq / factor, blended)
+    return torch.where(wavelength < short_wave, inv_freq, scaled)
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float, scaling: tuple | None = None):
+    """Return cos and sin tables, each [max_pos, head_dim], for the two-halves rotary layout."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # dim i and i + head_dim/2 share an angle
     return angles.cos(), angles.sin()
@@ -47,22 +82,24 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.rotary = cfg.position == "rope"
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+    def forward(self, x, cos, sin, mask, cache, layer: int, start: int):
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # q: [b, n_heads, t, head_dim]; k, v: [b, n_kv_heads, t, head_dim]
 
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rotary:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is not None:
-            k, v = cache.update(layer, start, k, v)  # now [b, n_kv_heads, start + t, head_dim]
+            k, v = cache.update(layer, start, k, v)  # now [b, n_kv_heads, n_keys, head_dim]
 
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -70,24 +107,28 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU, down(silu(gate(x)) * up(x)), or GPT-2's down(gelu_tanh(up(x)))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w_gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.w_up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.w_down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gated = cfg.mlp == "swiglu"
+        if self.gated:
+            self.w_gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.w_up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        if self.gated:
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer, start):
@@ -100,8 +141,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if cfg.position == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         # A tied model reads its classifier from the embedding matrix; it has no lm_head.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size,
                                                                  bias=False)
@@ -112,22 +155,30 @@ class Transformer(nn.Module):
     def reset_rope(self):
         """(Re)build the rotary tables on the embedding's device; a model built on the "meta"
         device for loading has none until its weights are assigned."""
+        if self.cfg.position != "rope":
+            return
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
+                               self.cfg.rope_scaling)
         device = self.embed.weight.device
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
-    def forward(self, tokens, positions, mask=None, cache: KVCache | None = None, start: int = 0,
+    def forward(self, tokens, positions, mask=None, cache=None, start: int = 0,
                 last_only: bool = False):
         """Return logits [b, t, vocab] (or [b, 1, vocab] with last_only) for tokens [b, t].
 
         positions [b, t] are each token's position in its own sequence (left padding makes them
-        differ per row). mask [b, 1, t, start + t] is True where a query may attend to a key
-        slot; None lets every query see every key. With a cache, the tokens' keys and values are
-        written at slots start..start+t-1 and the queries attend to slots 0..start+t-1.
+        differ per row). mask [b, 1, t, n_keys] is True where a query may attend to a key;
+        None lets every query see every key. Without a cache the keys are the t tokens; with
+        one, the tokens' keys and values go to slots start..start+t-1 and the queries attend
+        to what cache.update returns (see cache.key_slots for which slots those are).
         """
         x = self.embed(tokens)  # [b, t, dim]
-        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [b, 1, t, head_dim]
-        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+        cos = sin = None
+        if self.cfg.position == "learned":
+            x = x + self.pos_embed(positions)
+        else:
+            cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [b, 1, t, head_dim]
+            sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
 
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, start)
@@ -139,19 +190,24 @@ class Transformer(nn.Module):
         return F.linear(x, weight)
 
 
-def attention_mask(pad_lens: torch.Tensor, start: int, t: int) -> torch.Tensor:
-    """Return the boolean mask [b, 1, t, start + t] for t queries at slots start..start+t-1.
+def attention_mask(pad_lens: torch.Tensor, start: int, t: int, key_slots=None,
+                   window: int | None = None) -> torch.Tensor:
+    """Return the boolean mask [b, 1, t, n_keys] for t queries at slots start..start+t-1.
 
-    Query slot s sees key slot j when j <= s (causal, aligned to the end: with fewer queries than
-    keys, the last query sees every key) and j is not left padding of that row. A padding query
-    sees itself too, so no softmax row is empty: its output is never used, but a NaN there would
-    reach the real rows through the cached keys and values.
+    key_slots [n_keys] gives the slot of each key (default: slots 0..start+t-1 in order). Query
+    slot s sees key slot j when j <= s (causal, aligned to the end: with fewer queries than
+    keys, the last query sees every key), when j is not left padding of that row, and, with a
+    window, when s - j < window. A padding query sees itself too, so no softmax row is empty:
+    its output is never used, but a NaN there would reach the real rows through the cache.
     """
     device = pad_lens.device
-    key_slots = torch.arange(start + t, device=device)  # [start + t]
+    if key_slots is None:
+        key_slots = torch.arange(start + t, device=device)  # [n_keys]
     query_slots = torch.arange(start, start + t, device=device)  # [t]
-    causal = key_slots[None, :] <= query_slots[:, None]  # [t, start + t]
-    not_pad = key_slots[None, :] >= pad_lens[:, None]  # [b, start + t]
+    visible = key_slots[None, :] <= query_slots[:, None]  # [t, n_keys]
+    if window is not None:
+        visible &= query_slots[:, None] - key_slots[None, :] < window
+    not_pad = key_slots[None, :] >= pad_lens[:, None]  # [b, n_keys]
     itself = key_slots[None, :] == query_slots[:, None]
-    mask = (causal[None] & not_pad[:, None, :]) | itself[None]
+    mask = (visible[None] & not_pad[:, None, :]) | itself[None]
     return mask.unsqueeze(1)
