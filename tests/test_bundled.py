@@ -21,6 +21,17 @@ DATA = Path(kvgen.__file__).resolve().parents[2] / "shared" / "data" / "tinyshak
 PROMPT = "ROMEO:"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run this module on one thread: the model is too small to gain from more, and decoding
+    token by token synchronises threads thousands of times, which stalls (40 s instead of 1 s)
+    when another process holds the other cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def hf_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(FOLDER)
@@ -75,12 +86,17 @@ def test_transformers_greedy_and_logits_match_kvgen(hf_tokenizer, ours):
                           pad_token_id=hf_tokenizer.eos_token_id)
     hf_tokens = out[0, len(prompt):].tolist()
 
-    ids = list(prompt)
-    for _ in range(64):
-        ids.append(int(logits_of(ours, torch.tensor([ids]))[0, -1].argmax()))
-    assert ids[len(prompt):] == hf_tokens
+    llm = kvgen.load()  # no model named: the bundled one
+    assert llm.source == FOLDER
+    result = llm.generate(PROMPT, max_new_tokens=64, temperature=0)[0]
+    assert result.prompt_token_ids == prompt
+    # kvgen stops at EOS as generation_config.json says; transformers was told not to.
+    assert result.token_ids == hf_tokens[:len(result.token_ids)]
+    assert len(result.token_ids) == 64 or result.token_ids[-1] == hf_tokenizer.eos_token_id
+    assert result.text == hf_tokenizer.decode(prompt + result.token_ids,
+                                              skip_special_tokens=True)[len(PROMPT):]
 
-    seq = torch.tensor([ids])
+    seq = torch.tensor([prompt + hf_tokens])
     with torch.no_grad():
         hf_logits = hf(seq).logits
     assert (hf_logits - logits_of(ours, seq)).abs().max() < 1e-4
@@ -101,11 +117,29 @@ def test_validation_loss_beats_unigram_and_matches_card(ours, hf_tokenizer, card
 
     # The card's windows: consecutive, context-sized, each predicted from BOS + all but its last.
     window, total = ours.cfg.max_seq_len, 0.0
-    for y in torch.split(val, window):
-        x = torch.cat([torch.tensor([hf_tokenizer.bos_token_id]), y[:-1]])[None]
-        total += float(F.cross_entropy(logits_of(ours, x)[0], y, reduction="sum"))
+    n_full = len(val) // window
+    batches = list(val[:n_full * window].view(n_full, window).split(32))
+    if len(val) % window:
+        batches.append(val[n_full * window:][None])
+    for y in batches:  # [b, t]
+        x = torch.cat([torch.full((len(y), 1), hf_tokenizer.bos_token_id), y[:, :-1]], dim=1)
+        total += float(F.cross_entropy(logits_of(ours, x).flatten(0, 1), y.flatten(),
+                                       reduction="sum"))
     loss = total / len(val)
 
     assert abs(unigram - card_figure(card, "unigram entropy of the validation tokens")) < 1e-3
     assert loss <= 0.8 * unigram, f"validation loss {loss:.3f}, unigram entropy {unigram:.3f}"
     assert abs(loss - card_figure(card, "validation loss")) <= 0.02 * loss
+
+
+def test_cli_generate_without_a_model_uses_the_bundled_one():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "kvgen", "generate", "--prompt", PROMPT,
+                           "--max-new-tokens", "30", "--temperature", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    expected = kvgen.load().generate(PROMPT, max_new_tokens=30, temperature=0)[0].text
+    assert proc.stdout == PROMPT + expected + "\n"
+    assert "KV cache" in proc.stderr

@@ -48,14 +48,15 @@ def parse_args(argv=None):
     p.add_argument("--n-kv-heads", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256, help="context length, BOS included")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="1 keeps step time steady on a busy machine")
     return p.parse_args(argv)
 
 
