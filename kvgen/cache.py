@@ -16,6 +16,7 @@ class KVCache:
         # One allocation each for K and V; layer l's view is [batch, n_kv_heads, max_len, head_dim].
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)  # views, made once
         self.max_len = max_len
 
     @staticmethod
@@ -40,9 +41,10 @@ class KVCache:
         end = start + k.shape[2]
         if end > self.max_len:
             raise IndexError(f"KV cache holds {self.max_len} slots, asked to fill up to {end}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_layer, v_layer = self._k_layers[layer], self._v_layers[layer]
+        k_layer[:, :, start:end] = k
+        v_layer[:, :, start:end] = v
+        return k_layer[:, :, :end], v_layer[:, :, :end]
 
     def key_slots(self, start: int, t: int) -> torch.Tensor:
         """Return the slot of each key update() returns after writing t tokens at start."""

@@ -15,7 +15,7 @@ from .config import ModelConfig, config_from_hf
 from .errors import KvgenError
 from .hf_names import hf_to_kvgen, kvgen_name_to_hf  # noqa: F401  (re-exported)
 from .llama2c import is_llama2c_checkpoint, read_llama2c  # noqa: F401  (re-exported)
-from .model import Transformer
+from .model import Transformer, fuse_weights, split_weights
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,9 @@ def build_model(cfg: ModelConfig, tensors: dict, *, source: Path, dtype=None,
     """Return a Transformer holding `tensors` (kvgen names), after checking every name and shape."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    # Check in the checkpoint's layout (q, k, v apart), so errors name the stored tensor.
+    expected = {name: tuple(p.shape)
+                for name, p in split_weights(model.state_dict(), cfg).items()}
 
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -40,7 +42,8 @@ def build_model(cfg: ModelConfig, tensors: dict, *, source: Path, dtype=None,
                              f"expected {shape}")
 
     dtype = dtype or torch.float32
-    tensors = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
+    tensors = {name: t.to(device=device, dtype=dtype)
+               for name, t in fuse_weights(tensors, cfg).items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     model.reset_rope()
     return model.eval()

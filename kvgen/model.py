@@ -27,9 +27,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)  # one fused kernel
         # Normalise in float32 so half-precision weights do not lose the small mean of squares.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         return self.weight * x32.to(x.dtype)
 
 
@@ -83,20 +84,23 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rotary = cfg.position == "rope"
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        # q, k and v in one matrix (rows: q, then k, then v): one matmul instead of three, which
+        # matters when a decode step is dominated by per-operation overhead.
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
+                              bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
 
     def forward(self, x, cos, sin, mask, cache, layer: int, start: int):
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        # q: [b, n_heads, t, head_dim]; k, v: [b, n_kv_heads, t, head_dim]
+        qkv = self.wqkv(x).view(b, t, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qkv = qkv.transpose(1, 2)  # [b, n_heads + 2 * n_kv_heads, t, head_dim]
+        n_qk = self.n_heads + self.n_kv_heads
 
+        qk = qkv[:, :n_qk]
         if self.rotary:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, cos, sin)  # queries and keys rotate alike: one call for both
+        q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, n_qk:]
+        # q: [b, n_heads, t, head_dim]; k, v: [b, n_kv_heads, t, head_dim]
 
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # now [b, n_kv_heads, n_keys, head_dim]
@@ -112,14 +116,16 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gated = cfg.mlp == "swiglu"
-        if self.gated:
-            self.w_gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.w_up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        if self.gated:  # gate and up in one matrix (rows: gate, then up), one matmul
+            self.w_gate_up = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=cfg.mlp_bias)
+        else:
+            self.w_up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.w_down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x):
         if self.gated:
-            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+            gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+            return self.w_down(F.silu(gate) * up)
         return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
 
 
@@ -188,6 +194,46 @@ class Transformer(nn.Module):
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)
+
+
+def fused_parts(cfg: ModelConfig) -> dict:
+    """Return, for each fused projection, its checkpoint parts and their row counts.
+
+    Checkpoints store q, k, v (and gate, up) as separate matrices; the model keeps each group
+    in one. fuse_weights and split_weights translate between the two layouts.
+    """
+    kv_rows = cfg.n_kv_heads * cfg.head_dim
+    parts = {"attn.wqkv": {"attn.wq": cfg.n_heads * cfg.head_dim, "attn.wk": kv_rows,
+                           "attn.wv": kv_rows}}
+    if cfg.mlp == "swiglu":
+        parts["mlp.w_gate_up"] = {"mlp.w_gate": cfg.hidden_dim, "mlp.w_up": cfg.hidden_dim}
+    return parts
+
+
+def _layer_groups(cfg: ModelConfig):
+    for i in range(cfg.n_layers):
+        for fused, parts in fused_parts(cfg).items():
+            for kind in ("weight", "bias"):
+                yield (f"layers.{i}.{fused}.{kind}",
+                       {f"layers.{i}.{part}.{kind}": rows for part, rows in parts.items()})
+
+
+def fuse_weights(tensors: dict, cfg: ModelConfig) -> dict:
+    """Return a state dict with separate q/k/v (gate/up) tensors joined into the fused ones."""
+    out = dict(tensors)
+    for fused, parts in _layer_groups(cfg):
+        if all(name in out for name in parts):
+            out[fused] = torch.cat([out.pop(name) for name in parts])
+    return out
+
+
+def split_weights(tensors: dict, cfg: ModelConfig) -> dict:
+    """Return a state dict with each fused tensor split back into its checkpoint parts."""
+    out = dict(tensors)
+    for fused, parts in _layer_groups(cfg):
+        if fused in out:
+            out.update(zip(parts, out.pop(fused).split(list(parts.values()))))
+    return out
 
 
 def attention_mask(pad_lens: torch.Tensor, start: int, t: int, key_slots=None,

@@ -35,3 +35,15 @@ def stories_hf_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("stories_hf")
     return convert_llama2c(STORIES / "stories260K.bin", out, tokenizer=STORIES / "tok512.bin")
+
+
+def pytest_configure(config):
+    """Run the suite on one thread, subprocesses included: these models are tiny, and when
+    another process holds the other core, threads waiting on each other at every decode step
+    turn one second into forty. Exactness does not depend on the thread count."""
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)

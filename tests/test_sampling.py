@@ -29,8 +29,8 @@ def test_top_k_keeps_k_most_probable():
     assert _kept([0.1, 0.4, 0.2, 0.3], top_k=10).tolist() == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", itertools.product(
-    [1e-4, 0.5, 1.0, 7.0], [0, 1, 3, 600], [1e-6, 0.3, 0.9, 1.0]))
+@pytest.mark.parametrize("temperature,top_k,top_p", list(itertools.product(
+    [1e-4, 0.5, 1.0, 7.0], [0, 1, 3, 600], [1e-6, 0.3, 0.9, 1.0])))
 def test_every_combination_leaves_a_candidate_and_no_nan(temperature, top_k, top_p):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(512, generator=g) * 10

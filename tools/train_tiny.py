@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))  # a script run from a clone: kvgen need not be in
 
 from kvgen.config import ModelConfig  # noqa: E402
 from kvgen.loader import kvgen_name_to_hf  # noqa: E402
-from kvgen.model import Transformer, attention_mask  # noqa: E402
+from kvgen.model import Transformer, attention_mask, split_weights  # noqa: E402
 
 log = logging.getLogger("train_tiny")
 
@@ -190,7 +190,8 @@ def save_model_dir(out: Path, model: Transformer, tok: Tokenizer):
     out.mkdir(parents=True, exist_ok=True)
     bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
     # state_dict() leaves out the non-persistent rotary tables; a tied model has no lm_head.
-    tensors = {kvgen_name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = split_weights(model.state_dict(), model.cfg)  # checkpoints keep q, k, v apart
+    tensors = {kvgen_name_to_hf(k): v.detach().contiguous() for k, v in state.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     write_json(out / "config.json", {**model.cfg.to_hf_dict(), "bos_token_id": bos_id,
                                      "eos_token_id": eos_id})
