@@ -7,4 +7,5 @@ from .engine import Engine  # noqa: E402
 from .llm import LLM, GenerationResult, load  # noqa: E402
 from .planner import plan  # noqa: E402
 
-__all__ = ["Engine", "KvgenError", "LLM", "GenerationResult", "load", "plan", "__version__"]
+__all__ = ["Engine", "KvgenError", "LLM", "GenerationResult", "load", "plan",
+           "__version__"]

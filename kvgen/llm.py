@@ -140,6 +140,9 @@ class LLM:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
                 or max_new_tokens < 0:
             raise KvgenError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        # The last new token is never fed back, so prompt + max_new_tokens - 1 positions would
+        # do (run.c generates that one extra token); we keep the rule users know from
+        # transformers' max_length: prompt plus new tokens fit the context.
         context = self.config.max_seq_len
         for i, p in enumerate(prompt_ids):
             if len(p) + max_new_tokens > context:

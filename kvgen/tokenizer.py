@@ -79,7 +79,9 @@ class Llama2cTokenizer(Tokenizer):
 
     pieces holds each token's bytes as stored (BOS is b"\\n<s>\\n", byte tokens b"<0xXX>"),
     scores their merge scores (the higher merges first). Unlike run.c, decode gives no text
-    for <unk>, as Hugging Face decoders skipping special tokens do.
+    for <unk>, as Hugging Face decoders skipping special tokens do. Known difference: run.c
+    skips single-byte pieces that are neither printable nor whitespace when printing; decode
+    keeps them, since dropping bytes would break "stream == decode of all ids".
     """
 
     unk_id, bos_id, eos_id = 0, 1, 2
