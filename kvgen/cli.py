@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string; may repeat")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    gen.add_argument("--threads", type=int,
+                     help="CPU threads (default: 1 for models under 20M parameters, else "
+                     "PyTorch's default)")
     engine = gen.add_argument_group("engine (with --prompts-file)")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     engine.add_argument("--kv-cache-memory", help="KV-cache pool size: 2GiB, 512MB, or bytes")
@@ -114,6 +117,7 @@ def _generate(args) -> int:
 
     llm = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
                download=args.download)
+    _set_threads(args.threads, llm)
     options = dict(max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, stop=args.stop)
@@ -133,6 +137,23 @@ def _generate(args) -> int:
     sys.stdout.flush()
     print(llm.last_stats.summary(), file=sys.stderr)
     return 0
+
+
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+def _set_threads(threads, llm):
+    """Use `threads` CPU threads; by default one for a small model, whose per-token work is
+    smaller than the cost of keeping a second thread in step (and a thread waiting for a core
+    that another process holds stalls every step)."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise KvgenError(f"--threads must be at least 1, got {threads}")
+    if threads is None and sum(p.numel() for p in llm.model.parameters()) < SMALL_MODEL_PARAMS:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _generate_many(llm, args, options) -> int:
