@@ -109,6 +109,23 @@ def _parser() -> argparse.ArgumentParser:
     params.add_argument("--vocab", type=int, default=37000, help="shared vocabulary size")
     params.add_argument("--no-bias", action="store_true", help="leave out the linear biases")
     params.set_defaults(run=_params)
+
+    bench = commands.add_parser("bench", help="kvgen with and without its cache beside "
+                                "transformers, measured in one run, with the planner's figures")
+    source = bench.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="Hugging Face model directory")
+    source.add_argument("--shape", help="random weights of a known shape: gpt2 (124M) or tiny")
+    bench.add_argument("--batch", type=int, action="append", help="batch size; may repeat")
+    bench.add_argument("--prompt-len", type=int, default=32)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=3, help="runs per engine (median kept)")
+    bench.add_argument("--engine", action="append",
+                       help="only this engine: 'kvgen cache', 'kvgen no-cache', "
+                       "'transformers cache', 'transformers no-cache'; may repeat")
+    bench.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="per-step latency and tokens/s")
+    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -181,6 +198,47 @@ def _generate_many(llm, args, options) -> int:
           f"{s.generated_tokens / seconds:.1f} tokens/s | prefix cache hit rate "
           f"{s.prefix_cache_hit_rate:.1%} | preemptions {s.preemptions} | KV cache "
           f"{s.kv_cache_bytes} bytes in {s.num_blocks} blocks of {s.block_size}", file=sys.stderr)
+    return 0
+
+
+def _bench(args) -> int:
+    import json
+
+    import torch
+
+    from .bench import bench, plot_report
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise KvgenError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    report = bench(args.model, shape=args.shape, batches=args.batch or [1],
+                   prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                   repeats=args.repeats, engines=args.engine,
+                   progress=lambda what: print(f"running {what}", file=sys.stderr))
+    if args.plot:
+        plot_report(report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+
+    print(f"{report.model}: prompt {report.prompt_len}, {report.new_tokens} new tokens, "
+          f"median of {report.repeats}, {report.threads} threads; this machine reads "
+          f"{report.bandwidth_bytes_per_s / 1e9:.1f} GB/s")
+    print(f"{'engine':<24}{'batch':>6}{'TTFT ms':>10}{'prefill tok/s':>15}"
+          f"{'decode tok/s':>14}{'KV bytes':>14}")
+    for r in report.runs:
+        kv = "" if r.kv_cache_bytes is None else str(r.kv_cache_bytes)
+        print(f"{r.engine:<24}{r.batch:>6}{r.ttft_s * 1e3:>10.1f}"
+              f"{r.prefill_tokens_per_s:>15.1f}{r.decode_tokens_per_s:>14.1f}{kv:>14}")
+    for p, ratios in zip(report.predictions, report.ratios()):
+        print(f"batch {p.batch}: planner KV bytes {p.kv_cache_bytes}, decode step lower bound "
+              f"{p.decode_step_lower_bound_s * 1e3:.3f} ms")
+        for name, value in ratios.items():
+            if name != "batch":
+                print(f"  {name}: {value:.2f}")
+    for note in report.notes:
+        print(f"note: {note}")
     return 0
 
 
