@@ -1,10 +1,11 @@
-"""The `kvgen` command line: generate, convert, plan and params.
+"""The `kvgen` command line: generate, serve, convert, plan and params.
 
 Generated text goes to stdout; the stats line, logs and errors go to stderr.
 """
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -110,6 +111,36 @@ def _parser() -> argparse.ArgumentParser:
     params.add_argument("--no-bias", action="store_true", help="leave out the linear biases")
     params.set_defaults(run=_params)
 
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server on the "
+                                "serving engine")
+    serve.add_argument("--model", help="as for generate (default: the bundled model)")
+    serve.add_argument("--download", action="store_true",
+                       help="fetch a Hugging Face repo id missing from the local cache")
+    serve.add_argument("--tokenizer", help="tokenizer file, if not found beside the model")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("KVGEN_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: "
+                       "$KVGEN_API_KEY, which keeps the key out of the process list)")
+    serve.add_argument("--served-model-name",
+                       help="the model's name in the API (default: its folder's name)")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                       help="larger request bodies get 413")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    serve.add_argument("--threads", type=int, help="CPU threads, as for generate")
+    engine = serve.add_argument_group("engine")
+    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    engine.add_argument("--kv-cache-memory", help="KV-cache pool size: 2GiB, 512MB, or bytes")
+    engine.add_argument("--num-blocks", type=int, help="KV-cache pool size in blocks")
+    engine.add_argument("--max-prefill-tokens", type=int,
+                        help="prompt tokens per step; longer prompts are prefilled in chunks")
+    engine.add_argument("--max-num-seqs", type=int, default=256,
+                        help="most requests running at once")
+    engine.add_argument("--no-prefix-caching", action="store_true",
+                        help="do not reuse the cached blocks of shared prompt prefixes")
+    serve.set_defaults(run=_serve)
+
     bench = commands.add_parser("bench", help="kvgen with and without its cache beside "
                                 "transformers, measured in one run, with the planner's figures")
     source = bench.add_mutually_exclusive_group(required=True)
@@ -198,6 +229,37 @@ def _generate_many(llm, args, options) -> int:
           f"{s.generated_tokens / seconds:.1f} tokens/s | prefix cache hit rate "
           f"{s.prefix_cache_hit_rate:.1%} | preemptions {s.preemptions} | KV cache "
           f"{s.kv_cache_bytes} bytes in {s.num_blocks} blocks of {s.block_size}", file=sys.stderr)
+    return 0
+
+
+def _serve(args) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from .engine import Engine
+    from .llm import load
+    from .server import create_app, default_model_name
+
+    if not 1 <= args.port <= 65535:
+        raise KvgenError(f"--port must be between 1 and 65535, got {args.port}")
+    llm = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
+               download=args.download)
+    _set_threads(args.threads, llm)
+    engine = Engine(llm, block_size=args.block_size, num_blocks=args.num_blocks,
+                    kv_cache_memory=args.kv_cache_memory,
+                    enable_prefix_caching=not args.no_prefix_caching,
+                    max_prefill_tokens=args.max_prefill_tokens, max_num_seqs=args.max_num_seqs)
+    # A hub id is served under that id, not the name of its snapshot folder (a hash).
+    name = args.served_model_name or (
+        args.model if args.model and not Path(args.model).exists() else
+        default_model_name(llm.source))
+    app = create_app(llm, engine=engine, model_name=name, api_key=args.api_key,
+                     max_body_bytes=args.max_body_bytes)
+    print(f"serving {llm.source} as {name!r} on http://{args.host}:{args.port}/v1"
+          + (" (API key required)" if args.api_key else ""), file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, ws="none", lifespan="on",
+                log_level="info" if args.verbose else "warning")
     return 0
 
 

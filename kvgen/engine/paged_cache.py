@@ -1,0 +1,133 @@
+"""The paged KV cache: one preallocated pool of blocks for all requests, read through block tables.
+
+Slot s of the pool is token s % block_size of block s // block_size. A sequence's keys are
+wherever its block table says, so requests of any length share the pool without reserving
+their maximum length up front.
+"""
+
+import re
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import KvgenError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_memory(value) -> int:
+    """Return a byte count from an int or a string such as "2GiB", "512MB" or "1000000"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = value, ""
+    else:
+        match = _MEMORY.match(value) if isinstance(value, str) else None
+        if match is None or match[2].lower() not in _UNITS:
+            raise KvgenError(f"kv_cache_memory must be a byte count or a size like '2GiB' or "
+                             f"'512MB', got {value!r}")
+        number, unit = float(match[1]), match[2].lower()
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise KvgenError(f"kv_cache_memory must be positive, got {value!r}")
+    return size
+
+
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Return one block's bytes: 2 (K and V) x layers x kv heads x head_dim x block_size x
+    bytes per element."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * block_size * element
+
+
+# With neither num_blocks nor kv_cache_memory: this much, or less when max_num_seqs requests
+# at the model's full context need less.
+DEFAULT_KV_CACHE_MEMORY = 2**30
+
+
+def pool_blocks(cfg: ModelConfig, block_size: int, dtype: torch.dtype, *, num_blocks=None,
+                kv_cache_memory=None, max_num_seqs: int = 256) -> int:
+    """Return the pool's block count: num_blocks, or as many as kv_cache_memory holds."""
+    per_block = bytes_per_block(cfg, block_size, dtype)
+    if num_blocks is not None and kv_cache_memory is not None:
+        raise KvgenError("give num_blocks or kv_cache_memory, not both")
+    if num_blocks is None:
+        if kv_cache_memory is None:
+            full = max_num_seqs * -(-cfg.max_seq_len // block_size) * per_block
+            kv_cache_memory = min(DEFAULT_KV_CACHE_MEMORY, full)
+        num_blocks = parse_memory(kv_cache_memory) // per_block
+        if num_blocks == 0:
+            raise KvgenError(f"kv_cache_memory {kv_cache_memory!r} holds no block; one block "
+                             f"of {block_size} tokens takes {per_block} bytes")
+    if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks <= 0:
+        raise KvgenError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+    return num_blocks
+
+
+class PagedKVCache:
+    """Keys and values of every layer for num_blocks blocks of block_size tokens."""
+
+    def __init__(self, cfg: ModelConfig, *, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device):
+        # Head-major, so that keys gathered by slot land as [kv_heads, keys, head_dim]: each
+        # head's keys contiguous, which attention reads faster than heads interleaved.
+        shape = (cfg.n_layers, cfg.n_kv_heads, num_blocks * block_size, cfg.head_dim)
+        # Zeros, not empty: padding keys read from unused slots are masked, but a NaN in masked
+        # values would still reach the output through the attention weights' zeros.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layers, kv_heads, slots, hd]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._scratch = torch.empty(0, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def scratch(self, n: int) -> torch.Tensor:
+        """Return a reusable buffer of n elements for gathered keys and values.
+
+        Kept between steps because a fresh large allocation costs more than the gather itself
+        (page faults on CPU); each layer's gather overwrites the previous layer's, whose
+        attention is done by then.
+        """
+        if self._scratch.numel() < n:
+            self._scratch = torch.empty(n, dtype=self.k.dtype, device=self.k.device)
+        return self._scratch[:n]
+
+
+class PagedBatchView:
+    """The cache as one forward pass of the engine sees it (duck-typed like KVCache).
+
+    write_rows [n] picks, from the batch's flattened [rows * t] tokens, those that are real
+    (None: all are); write_slots [n] is the pool slot of each. key_slots [rows, n_keys] is the
+    pool slot of each key a row attends to, padded with any valid slot where the row has fewer
+    keys (the mask hides those). All are built once per step and reused by every layer.
+    """
+
+    def __init__(self, cache: PagedKVCache, write_rows: torch.Tensor | None,
+                 write_slots: torch.Tensor, key_slots: torch.Tensor):
+        self.cache = cache
+        self.write_rows, self.write_slots = write_rows, write_slots
+        self.rows, self.n_keys = key_slots.shape
+        self.key_slots = key_slots.flatten()
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write the real tokens of k, v ([rows, kv_heads, t, head_dim]) to their slots and
+        return every row's keys and values [rows, kv_heads, n_keys, head_dim].
+
+        `start` is unused: each row's positions are in the slots. All rows are written before
+        any is read, so a prompt split over several rows sees its own earlier rows' keys.
+        """
+        rows, heads, t, head_dim = k.shape
+        size = heads * rows * self.n_keys * head_dim
+        buffer = self.cache.scratch(2 * size)
+        out = []
+        for i, (pool, new) in enumerate(((self.cache.k[layer], k), (self.cache.v[layer], v))):
+            new = new.transpose(0, 1).reshape(heads, rows * t, head_dim)
+            if self.write_rows is not None:
+                new = new.index_select(1, self.write_rows)
+            pool.index_copy_(1, self.write_slots, new)
+            gathered = buffer[i * size:(i + 1) * size].view(heads, rows * self.n_keys, head_dim)
+            torch.index_select(pool, 1, self.key_slots, out=gathered)
+            out.append(gathered.view(heads, rows, self.n_keys, head_dim).transpose(0, 1))
+        return out[0], out[1]
