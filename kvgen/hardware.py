@@ -81,16 +81,17 @@ _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 *
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 
 
-def parse_bytes(text) -> int:
-    """Return a size in bytes from "80GB" (80e9), "80GiB" (80 * 2**30), "1.5TB" or "123456"."""
+def parse_bytes(text, name: str = "memory") -> int:
+    """Return a size in bytes from "80GB" (80e9), "80GiB" (80 * 2**30), "1.5TB" or "123456";
+    name is the setting the errors speak of."""
     if isinstance(text, int) and not isinstance(text, bool):
         size = text
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
         if not match or match.group(2).lower() not in _UNITS:
-            raise KvgenError(f"memory {text!r} is not a size; expected a number of bytes or "
+            raise KvgenError(f"{name} {text!r} is not a size; expected a number of bytes or "
                              f"one with a unit, like 80GB (80e9) or 80GiB (80 * 2**30)")
         size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if size <= 0:
-        raise KvgenError(f"memory must be positive, got {text!r}")
+        raise KvgenError(f"{name} must be positive, got {text!r}")
     return size

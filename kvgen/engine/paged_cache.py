@@ -5,32 +5,16 @@ wherever its block table says, so requests of any length share the pool without 
 their maximum length up front.
 """
 
-import re
-
 import torch
 
 from ..config import ModelConfig
 from ..errors import KvgenError
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+from ..hardware import parse_bytes
 
 
 def parse_memory(value) -> int:
     """Return a byte count from an int or a string such as "2GiB", "512MB" or "1000000"."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        number, unit = value, ""
-    else:
-        match = _MEMORY.match(value) if isinstance(value, str) else None
-        if match is None or match[2].lower() not in _UNITS:
-            raise KvgenError(f"kv_cache_memory must be a byte count or a size like '2GiB' or "
-                             f"'512MB', got {value!r}")
-        number, unit = float(match[1]), match[2].lower()
-    size = int(number * _UNITS[unit])
-    if size <= 0:
-        raise KvgenError(f"kv_cache_memory must be positive, got {value!r}")
-    return size
+    return parse_bytes(value, "kv_cache_memory")
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
