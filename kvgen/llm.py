@@ -63,7 +63,7 @@ class LLM:
         prompts: a string, a list of strings, a list of token ids, or a list of such lists.
         return_logits keeps, per row, the logits each of its tokens was picked from.
         """
-        prompt_ids = self._prompt_ids(prompts)
+        prompt_ids = self.encode_prompts(prompts)
         results = [GenerationResult(p, [], "", "length") for p in prompt_ids]
         step_logits = []
         on_logits = (lambda x: step_logits.append(x.float().cpu())) if return_logits else None
@@ -84,32 +84,33 @@ class LLM:
         """Yield the generated text of one prompt piece by piece, as it is decoded."""
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             raise KvgenError("stream() takes one prompt (a string or a list of token ids)")
-        generator = self._steps(self._prompt_ids(prompt), **_step_kwargs(**kwargs))
+        generator = self._steps(self.encode_prompts(prompt), **_step_kwargs(**kwargs))
         for step in generator:
             for t in step:
                 if t.text:
                     yield t.text
 
     def _steps(self, prompt_ids, max_new_tokens, use_cache, params, stop, on_logits=None):
-        stop = _check_stop(stop)
-        self._check_lengths(prompt_ids, max_new_tokens)
+        stop = check_stop(stop)
+        self.check_lengths(prompt_ids, max_new_tokens)
         if stop and self.tokenizer is None:
             raise KvgenError("stop strings need a tokenizer; this model was loaded without one")
 
         samplers = [Sampler(params, self.device) for _ in prompt_ids]
-        texts = [TextStream(self._detokenizer(p), stop) for p in prompt_ids]
+        texts = [TextStream(self.detokenizer(p), stop) for p in prompt_ids]
         self.last_stats = GenerationStats()
         return generate_steps(self.model, prompt_ids, max_new_tokens=max_new_tokens,
                               use_cache=use_cache, samplers=samplers,
                               stop_token_ids=self.stop_token_ids, texts=texts,
                               stats=self.last_stats, on_logits=on_logits)
 
-    def _detokenizer(self, prompt_ids):
+    def detokenizer(self, prompt_ids):
+        """Return a streaming detokenizer for a sequence that starts with prompt_ids."""
         if self.tokenizer is None:
             return _NoText()
         return IncrementalDetokenizer(self.tokenizer, prompt_ids)
 
-    def _prompt_ids(self, prompts) -> list[list[int]]:
+    def encode_prompts(self, prompts) -> list[list[int]]:
         """Return the prompts as lists of token ids, encoding strings (with BOS)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                         and isinstance(prompts[0], int)):
@@ -136,7 +137,8 @@ class LLM:
             out.append(list(p))
         return out
 
-    def _check_lengths(self, prompt_ids, max_new_tokens):
+    def check_lengths(self, prompt_ids, max_new_tokens):
+        """Raise KvgenError unless every prompt plus max_new_tokens fits the context."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
                 or max_new_tokens < 0:
             raise KvgenError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -158,7 +160,8 @@ def _step_kwargs(*, max_new_tokens: int = 128, use_cache: bool = True, temperatu
                 params=SamplingParams(temperature, top_k, top_p, seed), stop=stop)
 
 
-def _check_stop(stop) -> list[str]:
+def check_stop(stop) -> list[str]:
+    """Return stop strings as a list, or raise KvgenError naming a bad one."""
     if stop is None:
         return []
     if isinstance(stop, str):

@@ -31,7 +31,7 @@ def generate_all(engine, prompts, *, progress: bool = False, **sampling) -> list
                 options.update(prompt)
                 prompt = options.pop("prompt")
             rid = engine.add_request(prompt, **options)
-            results[rid] = GenerationResult(engine.llm._prompt_ids(prompt)[0], [], "", None)
+            results[rid] = GenerationResult(engine.llm.encode_prompts(prompt)[0], [], "", None)
             logits[rid] = []
     except Exception:
         for rid in results:  # leave the engine as it was

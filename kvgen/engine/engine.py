@@ -11,7 +11,7 @@ from typing import Iterator
 
 from ..errors import KvgenError
 from ..generate import TextStream
-from ..llm import LLM, GenerationResult, _check_stop
+from ..llm import LLM, GenerationResult, check_stop
 from ..sampling import Sampler, SamplingParams
 from .block_pool import BlockPool
 from .drive import generate_all, stream_request
@@ -78,12 +78,12 @@ class Engine:
         if not use_cache:
             raise KvgenError("use_cache=False is not an engine option: the engine always runs "
                              "on its paged cache (llm.generate runs without one)")
-        prompt_ids = self.llm._prompt_ids(prompt)
+        prompt_ids = self.llm.encode_prompts(prompt)
         if len(prompt_ids) != 1:
             raise KvgenError(f"add_request takes one prompt, got {len(prompt_ids)}")
         prompt_ids = prompt_ids[0]
-        self.llm._check_lengths([prompt_ids], max_new_tokens)
-        stop = _check_stop(stop)
+        self.llm.check_lengths([prompt_ids], max_new_tokens)
+        stop = check_stop(stop)
         if stop and self.llm.tokenizer is None:
             raise KvgenError("stop strings need a tokenizer; this model was loaded without one")
         # The last new token is never fed back, so it needs no slot.
@@ -104,7 +104,7 @@ class Engine:
         params = SamplingParams(temperature, top_k, top_p, seed)
         seq = Sequence(request_id, prompt_ids, max_new_tokens=max_new_tokens,
                        sampler=Sampler(params, self.llm.device),
-                       text=TextStream(self.llm._detokenizer(prompt_ids), stop),
+                       text=TextStream(self.llm.detokenizer(prompt_ids), stop),
                        stop_token_ids=self.llm.stop_token_ids, return_logits=return_logits,
                        callback=callback)
         if max_new_tokens == 0:
