@@ -200,7 +200,7 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # the Rust side raises a bare Exception for any parse error
             raise KvgenError(f"{path}: not a readable tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        config = _read_tokenizer_config(path.parent / "tokenizer_config.json")
+        config = read_tokenizer_config(path.parent / "tokenizer_config.json")
         # As transformers does: when set, "<s>" in a text is text, not the special token.
         self._tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
         self.bos_id = self._special_id(config.get("bos_token"), ("<s>", "<|endoftext|>"))
@@ -220,7 +220,7 @@ class HFTokenizer(Tokenizer):
         return next((i for i in ids if i is not None), None)
 
 
-def _read_tokenizer_config(path: Path) -> dict:
+def read_tokenizer_config(path: Path) -> dict:
     """Return tokenizer_config.json's fields, or {} when there is no such file."""
     if not path.is_file():
         return {}

@@ -15,6 +15,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import KvgenError
+from ..tokenizer import read_tokenizer_config
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class ChatTemplate:
 def find_chat_template(model_path: Path) -> ChatTemplate | None:
     """Return the chat template stored with the model at model_path, or None if it has none."""
     folder = model_path if model_path.is_dir() else model_path.parent
-    config = _read_config(folder / "tokenizer_config.json")
+    config = read_tokenizer_config(folder / "tokenizer_config.json")
     source = config.get("chat_template")
     if isinstance(source, list):  # named templates: [{"name": "default", "template": ...}]
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
@@ -63,16 +64,6 @@ def find_chat_template(model_path: Path) -> ChatTemplate | None:
                          f"a list of named templates with a 'default', got {type(source).__name__}")
     return ChatTemplate(source, bos_token=_token(config.get("bos_token")),
                         eos_token=_token(config.get("eos_token")))
-
-
-def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KvgenError(f"{path}: not a readable JSON file ({e})") from None
-    return config if isinstance(config, dict) else {}
 
 
 def _token(value) -> str:
