@@ -109,7 +109,13 @@ def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int
             raise KvgenError(f"{name} must be a positive integer, got {value!r}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(model) if model is not None else _random_model(shape, Path(tmp))
+        if model is None:
+            folder = _random_model(shape, Path(tmp))
+        elif Path(model).is_file():  # a llama2.c checkpoint: transformers reads the HF layout
+            from .convert import convert_llama2c
+            folder = convert_llama2c(model, Path(tmp) / "hf")
+        else:
+            folder = Path(model)
         llm = load(folder)
         llm.stop_token_ids = set()  # every engine generates exactly new_tokens tokens
         if prompt_len + new_tokens > llm.config.max_seq_len:

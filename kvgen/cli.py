@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="kvgen with and without its cache beside "
                                 "transformers, measured in one run, with the planner's figures")
     source = bench.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="Hugging Face model directory")
+    source.add_argument("--model", help="Hugging Face model directory or llama2.c checkpoint")
     source.add_argument("--shape", help="random weights of a known shape: gpt2 (124M) or tiny")
     bench.add_argument("--batch", type=int, action="append", help="batch size; may repeat")
     bench.add_argument("--prompt-len", type=int, default=32)

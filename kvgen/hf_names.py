@@ -82,7 +82,8 @@ def hf_to_kvgen(tensors: dict, cfg: ModelConfig) -> dict:
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue
         if family == "gpt2" and _CONV1D.search(ours):
-            tensor = tensor.t()
+            # A copy in (out, in) row-major order: the layout the decode kernels read fastest.
+            tensor = tensor.t().contiguous()
         out[ours] = tensor
     return _split_fused_qkv(out, cfg) if family == "gpt2" else out
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .kernels import Linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -86,9 +87,9 @@ class Attention(nn.Module):
         self.rotary = cfg.position == "rope"
         # q, k and v in one matrix (rows: q, then k, then v): one matmul instead of three, which
         # matters when a decode step is dominated by per-operation overhead.
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
+        self.wqkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
                               bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
 
     def forward(self, x, cos, sin, mask, cache, layer: int, start: int):
         b, t, _ = x.shape
@@ -117,10 +118,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = cfg.mlp == "swiglu"
         if self.gated:  # gate and up in one matrix (rows: gate, then up), one matmul
-            self.w_gate_up = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=cfg.mlp_bias)
+            self.w_gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, bias=cfg.mlp_bias)
         else:
-            self.w_up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.w_down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+            self.w_up = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.w_down = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x):
         if self.gated:
@@ -152,7 +153,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         # A tied model reads its classifier from the embedding matrix; it has no lm_head.
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size,
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size,
                                                                  bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -193,7 +194,7 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)
+        return linear(x, weight)
 
 
 def fused_parts(cfg: ModelConfig) -> dict:

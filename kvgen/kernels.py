@@ -1,0 +1,52 @@
+"""Matrix multiplications for the model's projections, by the fastest route PyTorch offers.
+
+A decode step multiplies a few rows of activations by every weight matrix: a matrix-vector
+product, bound by how fast the weights stream from memory, not by arithmetic. On x86 CPUs
+F.linear sends it to MKL's gemv, which runs on one core (about 16 GB/s on this project's 2-core
+machine); oneDNN's linear, the kernel torch.compile's CPU backend emits, spreads it over every
+thread (27-32 GB/s there). For many rows, a prefill of hundreds of tokens, the product is bound
+by arithmetic and MKL's gemm is the faster one. benchmarks/matvec_routes.py measures the routes.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# oneDNN wins only where the weights stream from memory: for a small matrix, one that stays
+# in cache, its higher per-call cost dominates (stories260K, dim 64, decodes 40% slower with it).
+# And it wins only for a few rows: at 512 rows MKL's gemm is faster (GPT-2 shapes, this
+# machine). Wrong values cost speed, never correctness.
+ONEDNN_MAX_ROWS = 32
+ONEDNN_MIN_WEIGHT_ELEMENTS = 1 << 18  # 1 MiB of float32
+
+
+def _find_onednn_linear():
+    """Return oneDNN's linear op, or None where this PyTorch build has none."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_onednn_linear = _find_onednn_linear()
+use_onednn = _onednn_linear is not None  # a switch for comparing routes
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """Return x @ weight.T + bias, as F.linear does, by the faster route for x's shape."""
+    if (use_onednn and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and weight.is_contiguous()
+            and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
+            and x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1]
+            and not torch.is_grad_enabled()):  # oneDNN's op has no backward: training
+        return _onednn_linear(x.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose product goes through `linear`."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
