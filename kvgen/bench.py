@@ -43,6 +43,7 @@ class Run:
     total_s: float
     step_s: list[float] = field(repr=False)  # step i's latency, i = 0 the prefill
     kv_cache_bytes: int | None = None  # kvgen's, measured; None for transformers
+    warmup_s: float = 0.0  # the untimed first run (with --compile: the compilation)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class BenchReport:
             by_engine = {r.engine: r for r in self.runs if r.batch == pred.batch}
             cached, uncached = by_engine.get("kvgen cache"), by_engine.get("kvgen no-cache")
             hf_cached = by_engine.get("transformers cache")
+            compiled = by_engine.get("kvgen cache compiled")
             row = {"batch": pred.batch}
             if cached and uncached:
                 row["kvgen uncached/cached time"] = uncached.total_s / cached.total_s
@@ -83,6 +85,9 @@ class BenchReport:
                                                              / hf_cached.decode_tokens_per_s)
                 row["prefill tokens/s kvgen/transformers"] = (cached.prefill_tokens_per_s
                                                               / hf_cached.prefill_tokens_per_s)
+            if compiled and hf_cached:
+                row["decode tokens/s kvgen compiled/transformers"] = (
+                    compiled.decode_tokens_per_s / hf_cached.decode_tokens_per_s)
             if cached:
                 step = statistics.median(cached.step_s[1:]) if len(cached.step_s) > 1 else 0
                 row["kvgen decode step / lower bound"] = (
@@ -97,8 +102,10 @@ class BenchReport:
 
 
 def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int = 32,
-          new_tokens: int = 64, repeats: int = 3, engines=None, progress=None) -> BenchReport:
-    """Return a BenchReport for a model directory (or a random model of a named shape)."""
+          new_tokens: int = 64, repeats: int = 3, engines=None, compile: bool = False,
+          progress=None) -> BenchReport:
+    """Return a BenchReport for a model directory or llama2.c checkpoint (or a random model of
+    a named shape). compile adds kvgen's cached engine with torch.compile'd decode steps."""
     from . import hardware, planner
 
     if (model is None) == (shape is None):
@@ -126,6 +133,10 @@ def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int
 
         runners = {"kvgen cache": lambda p: _run_kvgen(llm, p, new_tokens, True),
                    "kvgen no-cache": lambda p: _run_kvgen(llm, p, new_tokens, False)}
+        if compile or "kvgen cache compiled" in (engines or []):
+            compiled = LLM(llm.model, None, stop_token_ids=set(), source=llm.source)
+            compiled.compile_decode()
+            runners["kvgen cache compiled"] = lambda p: _run_kvgen(compiled, p, new_tokens, True)
         if hf is not None:
             runners["transformers cache"] = lambda p: _run_hf(hf, p, new_tokens, True)
             runners["transformers no-cache"] = lambda p: _run_hf(hf, p, new_tokens, False)
@@ -143,8 +154,12 @@ def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int
             for name, runner in runners.items():
                 if progress:
                     progress(f"{name}, batch {batch}")
-                runner(prompts[:, :2])  # warm-up: first-call allocations are not the engine's
+                # Warm-up: first-call allocations (and compilation) are reported apart.
+                warmup_start = time.perf_counter()
+                runner(prompts[:, :2])
+                warmup_s = time.perf_counter() - warmup_start
                 runs.append(_median_run(name, batch, [runner(prompts) for _ in range(repeats)]))
+                runs[-1].warmup_s = warmup_s
             p = planner.plan(llm.config, batch=batch, prompt_len=prompt_len,
                              new_tokens=new_tokens, dtype="float32")
             step_bytes = p.traffic.decode_last_bytes
@@ -192,10 +207,13 @@ def _run_kvgen(llm: LLM, prompts: torch.Tensor, new_tokens: int, use_cache: bool
     steps = generate_steps(llm.model, prompts.tolist(), max_new_tokens=new_tokens,
                            use_cache=use_cache, samplers=[Sampler(params)] * batch,
                            stop_token_ids=set(), stats=stats,
-                           texts=[TextStream(_Silent(), []) for _ in range(batch)])
+                           texts=[TextStream(_Silent(), []) for _ in range(batch)],
+                           decode_model=llm.decode_model)
     start = time.perf_counter()
     marks = [time.perf_counter() for _ in steps]
     name = "kvgen cache" if use_cache else "kvgen no-cache"
+    if llm.decode_model is not None:
+        name += " compiled"
     return _run_from_marks(name, batch, prompts.shape[1], start, marks, stats.kv_cache_bytes)
 
 

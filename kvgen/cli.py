@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int,
                      help="CPU threads (default: 1 for models under 20M parameters, else "
                      "PyTorch's default)")
+    gen.add_argument("--compile", action="store_true",
+                     help="run decode steps through torch.compile (needs a C++ compiler on "
+                     "the CPU; the first steps pay the compilation)")
     engine = gen.add_argument_group("engine (with --prompts-file)")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     engine.add_argument("--kv-cache-memory", help="KV-cache pool size: 2GiB, 512MB, or bytes")
@@ -152,8 +155,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="runs per engine (median kept)")
     bench.add_argument("--engine", action="append",
                        help="only this engine: 'kvgen cache', 'kvgen no-cache', "
-                       "'transformers cache', 'transformers no-cache'; may repeat")
+                       "'kvgen cache compiled', 'transformers cache', "
+                       "'transformers no-cache'; may repeat")
     bench.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
+    bench.add_argument("--compile", action="store_true",
+                       help="add kvgen's cached engine with torch.compile'd decode steps")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="per-step latency and tokens/s")
     bench.set_defaults(run=_bench)
@@ -166,6 +172,8 @@ def _generate(args) -> int:
     llm = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
                download=args.download)
     _set_threads(args.threads, llm)
+    if args.compile:
+        llm.compile_decode()
     options = dict(max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, stop=args.stop)
@@ -276,7 +284,7 @@ def _bench(args) -> int:
         torch.set_num_threads(args.threads)
     report = bench(args.model, shape=args.shape, batches=args.batch or [1],
                    prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                   repeats=args.repeats, engines=args.engine,
+                   repeats=args.repeats, engines=args.engine, compile=args.compile,
                    progress=lambda what: print(f"running {what}", file=sys.stderr))
     if args.plot:
         plot_report(report, args.plot)
@@ -288,11 +296,12 @@ def _bench(args) -> int:
           f"median of {report.repeats}, {report.threads} threads; this machine reads "
           f"{report.bandwidth_bytes_per_s / 1e9:.1f} GB/s")
     print(f"{'engine':<24}{'batch':>6}{'TTFT ms':>10}{'prefill tok/s':>15}"
-          f"{'decode tok/s':>14}{'KV bytes':>14}")
+          f"{'decode tok/s':>14}{'KV bytes':>14}{'warm-up s':>11}")
     for r in report.runs:
         kv = "" if r.kv_cache_bytes is None else str(r.kv_cache_bytes)
         print(f"{r.engine:<24}{r.batch:>6}{r.ttft_s * 1e3:>10.1f}"
-              f"{r.prefill_tokens_per_s:>15.1f}{r.decode_tokens_per_s:>14.1f}{kv:>14}")
+              f"{r.prefill_tokens_per_s:>15.1f}{r.decode_tokens_per_s:>14.1f}{kv:>14}"
+              f"{r.warmup_s:>11.2f}")
     for p, ratios in zip(report.predictions, report.ratios()):
         print(f"batch {p.batch}: planner KV bytes {p.kv_cache_bytes}, decode step lower bound "
               f"{p.decode_step_lower_bound_s * 1e3:.3f} ms")

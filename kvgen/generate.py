@@ -96,15 +96,17 @@ class StepToken(NamedTuple):
 def generate_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int,
                    use_cache: bool, samplers: list[Sampler], stop_token_ids: set[int],
                    texts: list[TextStream], stats: GenerationStats,
-                   on_logits=None) -> Iterator[list[StepToken]]:
+                   on_logits=None, decode_model=None) -> Iterator[list[StepToken]]:
     """Yield, step by step, the tokens picked for the rows still running.
 
     A row finishes when it picks a stop token (kept in its ids, but it adds no text), when its
     text reaches a stop string, or after max_new_tokens. The caller has checked that every
     prompt plus max_new_tokens fits the model's context. on_logits, if given, is called with
-    each step's logits [batch, vocab] before the tokens are picked.
+    each step's logits [batch, vocab] before the tokens are picked. decode_model, if given,
+    runs the cached decode steps in the model's place: the same model, compiled.
     """
     device = model.embed.weight.device
+    decode_model = model if decode_model is None else decode_model
     batch, longest = len(prompts), max(len(p) for p in prompts)
     stats.prompt_tokens = sum(len(p) for p in prompts)
     if max_new_tokens == 0:
@@ -166,7 +168,7 @@ def generate_steps(model: Transformer, prompts: list[list[int]], *, max_new_toke
             slot = longest + step
             mask = (attention_mask(pad, slot, 1, cache.key_slots(slot, 1), window)
                     if decode_needs_mask else None)
-            logits = model(fed, slot - pad[:, None], mask, cache, slot, last_only=True)
+            logits = decode_model(fed, slot - pad[:, None], mask, cache, slot, last_only=True)
         else:
             tokens = torch.cat([tokens, fed], dim=1)
             length = tokens.shape[1]

@@ -44,6 +44,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.stop_token_ids = set(stop_token_ids)
         self.source = source
+        self.decode_model = None  # set by compile_decode()
         self.last_stats: GenerationStats | None = None
 
     @property
@@ -102,7 +103,19 @@ class LLM:
         return generate_steps(self.model, prompt_ids, max_new_tokens=max_new_tokens,
                               use_cache=use_cache, samplers=samplers,
                               stop_token_ids=self.stop_token_ids, texts=texts,
-                              stats=self.last_stats, on_logits=on_logits)
+                              stats=self.last_stats, on_logits=on_logits,
+                              decode_model=self.decode_model)
+
+    def compile_decode(self):
+        """Return self, its cached decode steps now run by torch.compile's version of the model.
+
+        A decode step of a small model is mostly per-operation overhead (Python, dispatch,
+        module calls), which compiling fuses away; the first steps after this pay the
+        compilation. Shapes are marked dynamic so that a growing cache does not recompile.
+        Compiled kernels may round differently from eager ones, within float32 noise.
+        """
+        self.decode_model = torch.compile(self.model, dynamic=True)
+        return self
 
     def detokenizer(self, prompt_ids):
         """Return a streaming detokenizer for a sequence that starts with prompt_ids."""

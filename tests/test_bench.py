@@ -68,3 +68,23 @@ def test_bad_input(capsys, argv, needle):
 def test_needs_a_model_or_a_shape():
     with pytest.raises(KvgenError, match="exactly one"):
         bench()
+
+
+def test_llama2c_checkpoint_and_compiled_engine():
+    """A llama2.c file is benchmarked through its converted HF directory; the compiled engine
+    reports its compilation as warm-up, apart from the measured runs."""
+    import shutil
+
+    from conftest import STORIES, require_stories
+
+    require_stories()
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    report = bench(STORIES / "stories260K.bin", prompt_len=4, new_tokens=6, repeats=1,
+                   engines=["kvgen cache compiled", "transformers cache"])
+    runs = {r.engine: r for r in report.runs}
+    assert set(runs) == {"kvgen cache compiled", "transformers cache"}
+    assert runs["kvgen cache compiled"].warmup_s > 0
+    assert report.ratios()[0]["decode tokens/s kvgen compiled/transformers"] == pytest.approx(
+        runs["kvgen cache compiled"].decode_tokens_per_s
+        / runs["transformers cache"].decode_tokens_per_s)
