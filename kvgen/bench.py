@@ -51,6 +51,7 @@ class Prediction:
     batch: int
     kv_cache_bytes: int  # the planner's engine_kv_bytes
     flops_uncached_over_cached: float
+    bound_uncached_over_cached: float  # the planner's time bounds' ratio on this machine
     decode_step_bytes: int  # weights plus the cache read by the last decode step
     decode_step_lower_bound_s: float  # those bytes over this machine's read bandwidth
 
@@ -67,6 +68,7 @@ class BenchReport:
     runs: list[Run]
     predictions: list[Prediction]
     notes: list[str]
+    machine: dict = field(default_factory=dict)  # hardware.describe_machine()
 
     def ratios(self) -> list[dict]:
         """Return, per batch size, the measured ratios between engines beside the predictions."""
@@ -80,6 +82,7 @@ class BenchReport:
             if cached and uncached:
                 row["kvgen uncached/cached time"] = uncached.total_s / cached.total_s
                 row["planner FLOP ratio"] = pred.flops_uncached_over_cached
+                row["planner time-bound ratio"] = pred.bound_uncached_over_cached
             if cached and hf_cached:
                 row["decode tokens/s kvgen/transformers"] = (cached.decode_tokens_per_s
                                                              / hf_cached.decode_tokens_per_s)
@@ -161,17 +164,18 @@ def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int
                 runs.append(_median_run(name, batch, [runner(prompts) for _ in range(repeats)]))
                 runs[-1].warmup_s = warmup_s
             p = planner.plan(llm.config, batch=batch, prompt_len=prompt_len,
-                             new_tokens=new_tokens, dtype="float32")
+                             new_tokens=new_tokens, dtype="float32", hardware=machine)
             step_bytes = p.traffic.decode_last_bytes
             predictions.append(Prediction(
-                batch, p.memory.engine_kv_bytes, p.flops.uncached_over_cached, step_bytes,
+                batch, p.memory.engine_kv_bytes, p.flops.uncached_over_cached,
+                p.bounds.uncached_over_cached_s, step_bytes,
                 step_bytes / machine.bandwidth))
 
     notes.append(f"process peak resident memory {_peak_rss()} bytes (all engines together: "
                  "per-engine peaks on the CPU are not separable in one process)")
     return BenchReport(str(model or f"random {shape}"), prompt_len, new_tokens, repeats,
                        torch.get_num_threads(), machine.bandwidth, machine.peak_flops, runs,
-                       predictions, notes)
+                       predictions, notes, hardware.describe_machine())
 
 
 def _random_model(shape: str, folder: Path) -> Path:

@@ -394,7 +394,9 @@ def _plan_lines(p) -> list[str]:
                   f"{b.decode_bound_by + '-bound ' if n > 1 else ''}(ridge "
                   f"{b.ridge_intensity:,.0f} FLOP/byte)",
                   f"  {f'{n - 1} decode steps':22}{_seconds(b.decode_s):>12}",
-                  f"  {f'all {n} tokens':22}{_seconds(b.total_s):>12}"]
+                  f"  {f'all {n} tokens':22}{_seconds(b.total_s):>12}",
+                  f"  {f'{n} tokens, uncached':22}{_seconds(b.uncached_s):>12}  "
+                  f"{b.uncached_over_cached_s:.4g} x cached"]
     tp = p.tensor_parallel
     if tp.devices > 1:
         lines += ["", f"tensor parallel over {tp.devices} devices",

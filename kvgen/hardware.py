@@ -67,6 +67,29 @@ def measure(matmul_size: int = 2048, read_mb: int = 256, repeats: int = 3) -> Ha
                     f"sum, best of {repeats}")
 
 
+def describe_machine() -> dict:
+    """Return what a benchmark ran on: CPU model, cores, memory, OS, Python and torch."""
+    import os
+    import platform
+
+    import torch
+
+    def first_field(path, key):
+        try:
+            with open(path) as f:
+                return next((line.split(":", 1)[1].strip() for line in f
+                             if line.startswith(key)), None)
+        except OSError:
+            return None
+
+    memory_kb = first_field("/proc/meminfo", "MemTotal")
+    return dict(cpu=first_field("/proc/cpuinfo", "model name") or platform.processor(),
+                logical_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                memory_bytes=int(memory_kb.split()[0]) * 1024 if memory_kb else None,
+                os=platform.platform(), python=platform.python_version(),
+                torch=torch.__version__)
+
+
 def _best_time(run, repeats: int) -> float:
     run()  # the first call pays for allocation and thread start-up
     best = float("inf")

@@ -84,6 +84,8 @@ class Bounds:
     decode_s: float  # all n - 1 decode steps
     total_s: float
     decode_bound_by: str  # "memory" or "compute" for the last step; "none" without one
+    uncached_s: float  # n full forwards over s, s+1, ..., s+n-1 tokens, each bounded alike
+    uncached_over_cached_s: float  # the time ratio the bounds predict (not the FLOP ratio)
 
 
 @dataclass
@@ -217,7 +219,12 @@ def plan(model=None, *, preset: str | None = None, batch: int = 1, prompt_len: i
     params = count_params(arch)
     memory_ = _memory(arch, params, work)
     parallel = _tensor_parallel(arch, work, memory_.cache_tokens, budget)
-    profile = measure_hardware() if measure else get_hardware(hardware) if hardware else None
+    if isinstance(hardware, Hardware) or hardware is None:
+        profile = hardware
+    else:
+        profile = get_hardware(hardware)
+    if measure:
+        profile = measure_hardware()
     traffic, bounds = _traffic_and_bounds(arch, work, profile)
     result = Plan(arch.name, arch, work, params, memory_, _flops(arch, work), traffic, parallel,
                   bounds=bounds)
@@ -304,12 +311,19 @@ def _traffic_and_bounds(arch: Arch, w: Workload, profile: Hardware | None):
 
     prefill_s = seconds(prefill_flops, prefill_bytes)
     decode_s = sum(seconds(f, m) for f, m in steps)
+    # Without a cache each step reads the weights once and computes every position: at batch 1
+    # the cached steps are bound by memory and these by arithmetic, which is why the time ratio
+    # is far below the FLOP ratio there.
+    weights_only = _step_bytes(device, b, wbytes, per_token, 0, 0)
+    uncached_s = sum(seconds(b * sum(forward_flops(arch, start=0, tokens=length, tp=w.tp)),
+                             weights_only) for length in range(s, s + n))
     memory_bound = last_bytes / profile.bandwidth >= last_flops / profile.peak_flops
     bound_by = ("memory" if memory_bound else "compute") if steps else "none"
     return traffic, Bounds(
         profile.name, profile.source, profile.peak_flops, profile.bandwidth,
         profile.peak_flops / profile.bandwidth, prefill_s, seconds(last_flops, last_bytes),
-        decode_s, prefill_s + decode_s, bound_by)
+        decode_s, prefill_s + decode_s, bound_by, uncached_s,
+        uncached_s / (prefill_s + decode_s))
 
 
 def _fit(arch: Arch, w: Workload, budget: int, weight_bytes: int, per_token: int,

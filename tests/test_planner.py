@@ -311,3 +311,22 @@ def test_params_output(capsys):
     assert "+0.6%" in out and "no one vocabulary size" in out
     code, out, _ = _run(capsys, "params", "--no-bias")
     assert "encoder 3,147,776, decoder 4,197,376" in out and "4,198,400" in out
+
+
+def test_uncached_time_bound_at_the_two_extremes():
+    """Where only arithmetic counts, the bounds' uncached/cached time ratio is the FLOP ratio;
+    where only bytes count, each uncached step reads the weights once."""
+    from kvgen.hardware import Hardware
+
+    compute_only = plan(preset="gpt2-124m", batch=2, prompt_len=16, new_tokens=8,
+                        dtype="float32", hardware=Hardware("compute", 1e12, 1e30, "test"))
+    assert compute_only.bounds.uncached_over_cached_s == pytest.approx(
+        compute_only.flops.uncached_over_cached, rel=1e-9)
+
+    memory_only = plan(preset="gpt2-124m", batch=2, prompt_len=16, new_tokens=8,
+                       dtype="float32", hardware=Hardware("memory", 1e30, 1e9, "test"))
+    # GPT-2 124M: 124,439,808 parameters, the tied embedding read whole as the classifier; of
+    # the 1024 x 768 position table a step reads one row per sequence.
+    assert memory_only.params.total == 124_439_808
+    weight_reads = (124_439_808 - 1024 * 768 + 2 * 768) * 4
+    assert memory_only.bounds.uncached_s == pytest.approx(8 * weight_reads / 1e9, rel=1e-9)
