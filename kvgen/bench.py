@@ -154,15 +154,25 @@ def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int
         for batch in batches:
             prompts = torch.randint(0, llm.config.vocab_size, (batch, prompt_len),
                                     generator=torch.Generator().manual_seed(batch))
+            warmup_s = {}
             for name, runner in runners.items():
                 if progress:
-                    progress(f"{name}, batch {batch}")
-                # Warm-up: first-call allocations (and compilation) are reported apart.
+                    progress(f"{name}, batch {batch}: warm-up")
+                # First-call allocations (and compilation) are reported apart.
                 warmup_start = time.perf_counter()
                 runner(prompts[:, :2])
-                warmup_s = time.perf_counter() - warmup_start
-                runs.append(_median_run(name, batch, [runner(prompts) for _ in range(repeats)]))
-                runs[-1].warmup_s = warmup_s
+                warmup_s[name] = time.perf_counter() - warmup_start
+            # Repeats go round the engines in turn, so that a slow spell of a shared machine
+            # falls on all of them rather than on whichever ran then.
+            measured = {name: [] for name in runners}
+            for repeat in range(repeats):
+                for name, runner in runners.items():
+                    if progress:
+                        progress(f"{name}, batch {batch}: run {repeat + 1} of {repeats}")
+                    measured[name].append(runner(prompts))
+            for name, batch_runs in measured.items():
+                runs.append(_median_run(name, batch, batch_runs))
+                runs[-1].warmup_s = warmup_s[name]
             p = planner.plan(llm.config, batch=batch, prompt_len=prompt_len,
                              new_tokens=new_tokens, dtype="float32", hardware=machine)
             step_bytes = p.traffic.decode_last_bytes
