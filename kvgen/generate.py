@@ -127,8 +127,10 @@ def generate_steps(model: Transformer, prompts: list[list[int]], *, max_new_toke
     start = time.perf_counter()
     positions = (torch.arange(longest, device=device)[None] - pad[:, None]).clamp(min=0)
     key_slots = cache.key_slots(0, longest) if cache is not None else None
-    mask = attention_mask(pad, 0, longest, key_slots, window)
-    logits = model(tokens, positions, mask, cache, 0, last_only=True)
+    # Without padding or a window the prefill's rule is plain causal: no mask tensor needed.
+    causal = not bool(pad.any()) and window is None
+    mask = None if causal else attention_mask(pad, 0, longest, key_slots, window)
+    logits = model(tokens, positions, mask, cache, 0, last_only=True, causal=causal)
     stats.prefill_s = time.perf_counter() - start
 
     running = list(range(batch))
@@ -173,8 +175,8 @@ def generate_steps(model: Transformer, prompts: list[list[int]], *, max_new_toke
             tokens = torch.cat([tokens, fed], dim=1)
             length = tokens.shape[1]
             positions = (torch.arange(length, device=device)[None] - pad[:, None]).clamp(min=0)
-            mask = attention_mask(pad, 0, length, None, window)
-            logits = model(tokens, positions, mask, last_only=True)
+            mask = None if causal else attention_mask(pad, 0, length, None, window)
+            logits = model(tokens, positions, mask, last_only=True, causal=causal)
 
 
 def new_cache(cfg, batch: int, slots: int, dtype, device):

@@ -8,6 +8,8 @@ thread (27-32 GB/s there). For many rows, a prefill of hundreds of tokens, the p
 by arithmetic and MKL's gemm is the faster one. benchmarks/matvec_routes.py measures the routes.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,9 +42,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and weight.dtype == torch.float32 and weight.is_contiguous()
             and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
             and x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled()):  # oneDNN's op has no backward: training
+            and not torch.is_grad_enabled()  # oneDNN's op has no backward: training
+            and not torch.compiler.is_compiling()):  # torch.compile picks its own kernels
         return _onednn_linear(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+# GPT-2's tanh-approximated GELU, 0.5·x·(1 + tanh(z)) with z = √(2/π)·(x + 0.044715·x³), equals
+# x·sigmoid(2z), and PyTorch's CPU sigmoid is much cheaper than its tanh: on a prefill's
+# [512, 3072] activations this form takes 2.1 ms against F.gelu's 4.3 (within 5e-7 of it).
+# For a few rows the one fused F.gelu call is cheaper than the three calls here.
+_GELU_SCALE = 2 * math.sqrt(2 / math.pi)
+FAST_GELU_MIN_ELEMENTS = 1 << 16
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """Return F.gelu(x, approximate="tanh"), by the cheaper route for x's size."""
+    if x.numel() < FAST_GELU_MIN_ELEMENTS or torch.is_grad_enabled():
+        return F.gelu(x, approximate="tanh")
+    inner = torch.addcmul(x, x, x * x, value=0.044715)  # x + 0.044715·x³
+    return x * torch.sigmoid_(inner.mul_(_GELU_SCALE))
 
 
 class Linear(nn.Linear):

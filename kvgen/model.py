@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import Linear, linear
+from .kernels import Linear, gelu_tanh, linear
 
 
 class RMSNorm(nn.Module):
@@ -91,7 +91,7 @@ class Attention(nn.Module):
                               bias=cfg.qkv_bias)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
 
-    def forward(self, x, cos, sin, mask, cache, layer: int, start: int):
+    def forward(self, x, cos, sin, mask, cache, layer: int, start: int, causal: bool = False):
         b, t, _ = x.shape
         qkv = self.wqkv(x).view(b, t, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qkv = qkv.transpose(1, 2)  # [b, n_heads + 2 * n_kv_heads, t, head_dim]
@@ -107,7 +107,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, start, k, v)  # now [b, n_kv_heads, n_keys, head_dim]
 
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            q, k, v, attn_mask=mask, is_causal=causal,
+            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -127,7 +128,7 @@ class MLP(nn.Module):
         if self.gated:
             gate, up = self.w_gate_up(x).chunk(2, dim=-1)
             return self.w_down(F.silu(gate) * up)
-        return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
+        return self.w_down(gelu_tanh(self.w_up(x)))
 
 
 class Block(nn.Module):
@@ -138,8 +139,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer, start):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, cos, sin, mask, cache, layer, start, causal=False):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, start, causal)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -170,15 +171,20 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, tokens, positions, mask=None, cache=None, start: int = 0,
-                last_only: bool = False):
+                last_only: bool = False, causal: bool = False):
         """Return logits [b, t, vocab] (or [b, 1, vocab] with last_only) for tokens [b, t].
 
         positions [b, t] are each token's position in its own sequence (left padding makes them
         differ per row). mask [b, 1, t, n_keys] is True where a query may attend to a key;
-        None lets every query see every key. Without a cache the keys are the t tokens; with
-        one, the tokens' keys and values go to slots start..start+t-1 and the queries attend
-        to what cache.update returns (see cache.key_slots for which slots those are).
+        None lets every query see every key, or, with causal, each query the keys up to its
+        own: the causal rule needs no mask tensor when a pass starts at slot 0 without padding
+        (PyTorch's attention kernels then also skip the masked half of the scores). Without a
+        cache the keys are the t tokens; with one, the tokens' keys and values go to slots
+        start..start+t-1 and the queries attend to what cache.update returns (see
+        cache.key_slots for which slots those are).
         """
+        if causal and (mask is not None or start != 0):
+            raise ValueError("causal=True takes no mask and starts at slot 0")
         x = self.embed(tokens)  # [b, t, dim]
         cos = sin = None
         if self.cfg.position == "learned":
@@ -188,7 +194,7 @@ class Transformer(nn.Module):
             sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
 
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start)
+            x = layer(x, cos, sin, mask, cache, i, start, causal)
 
         if last_only:
             x = x[:, -1:]

@@ -43,3 +43,11 @@ def test_training_keeps_autograd():
     weight = torch.randn(1024, 512, requires_grad=True)
     kernels.linear(torch.randn(1, 512), weight).sum().backward()
     assert weight.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3072), (1, 512, 3072)])
+def test_gelu_tanh_matches_pytorch(shape):
+    x = torch.randn(shape) * 4
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.gelu_tanh(x), F.gelu(x, approximate="tanh"),
+                                   rtol=1e-5, atol=2e-6)
