@@ -20,7 +20,8 @@ run() {  # run NAME COMMAND...: stdout to $OUT/NAME.json, the command line to co
 }
 
 run gpt2_decode kvgen bench --shape gpt2 --batch 1 --batch 8 --prompt-len 32 --new-tokens 128 \
-    --repeats 5 --engine "kvgen cache" --engine "transformers cache" --json
+    --repeats 5 --engine "kvgen cache" --engine "kvgen cache compiled" \
+    --engine "transformers cache" --json
 run stories260k kvgen bench --model "$STORIES" --prompt-len 8 --new-tokens 256 --threads 1 \
     --repeats 5 --engine "kvgen cache" --engine "kvgen cache compiled" \
     --engine "transformers cache" --json

@@ -91,11 +91,13 @@ class BenchReport:
             if compiled and hf_cached:
                 row["decode tokens/s kvgen compiled/transformers"] = (
                     compiled.decode_tokens_per_s / hf_cached.decode_tokens_per_s)
-            if cached:
-                step = statistics.median(cached.step_s[1:]) if len(cached.step_s) > 1 else 0
-                row["kvgen decode step / lower bound"] = (
+            for run, label in ((cached, ""), (compiled, " (compiled)")):
+                if run is None:
+                    continue
+                step = statistics.median(run.step_s[1:]) if len(run.step_s) > 1 else 0
+                row[f"kvgen decode step / lower bound{label}"] = (
                     step / pred.decode_step_lower_bound_s if step else 0.0)
-                row["achieved fraction of read bandwidth"] = (
+                row[f"achieved fraction of read bandwidth{label}"] = (
                     pred.decode_step_lower_bound_s / step if step else 0.0)
             out.append(row)
         return out

@@ -36,14 +36,28 @@ _onednn_linear = _find_onednn_linear()
 use_onednn = _onednn_linear is not None  # a switch for comparing routes
 
 
+@torch.library.custom_op("kvgen::onednn_linear", mutates_args=())
+def _onednn_linear_opaque(x: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's linear as an op torch.compile calls as it is: its own CPU backend would
+    otherwise try to lower it and expects weights it packed itself."""
+    return _onednn_linear(x.contiguous(), weight, bias, "none", [], "")
+
+
+@_onednn_linear_opaque.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Return x @ weight.T + bias, as F.linear does, by the faster route for x's shape."""
     if (use_onednn and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and weight.is_contiguous()
             and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
             and x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled()  # oneDNN's op has no backward: training
-            and not torch.compiler.is_compiling()):  # torch.compile picks its own kernels
+            and not torch.is_grad_enabled()):  # oneDNN's op has no backward: training
+        if torch.compiler.is_compiling():
+            return _onednn_linear_opaque(x, weight, bias)
         return _onednn_linear(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
