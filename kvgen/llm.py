@@ -114,6 +114,11 @@ class LLM:
         compilation. Shapes are marked dynamic so that a growing cache does not recompile.
         Compiled kernels may round differently from eager ones, within float32 noise.
         """
+        import shutil
+
+        if self.device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+            raise KvgenError("compiling for the CPU needs a C++ compiler (g++ or c++) on PATH, "
+                             "and none was found; run without --compile")
         self.decode_model = torch.compile(self.model, dynamic=True)
         return self
 

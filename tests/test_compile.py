@@ -41,3 +41,13 @@ def test_compiled_decode_in_a_padded_batch_equals_goldens(compiled_llm):
                                     temperature=0)
     for case, result in zip(cases, results):
         assert result.token_ids == _expected(case, compiled_llm.config.max_seq_len)[:n]
+
+
+def test_compile_without_a_compiler_is_one_clear_error(monkeypatch, capsys):
+    from kvgen.cli import main
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code = main(["generate", "--model", str(STORIES / "stories260K.bin"), "--prompt", "Hi",
+                 "--max-new-tokens", "2", "--compile"])
+    assert code != 0
+    assert "C++ compiler" in capsys.readouterr().err
