@@ -160,7 +160,9 @@ def main():
     page += [f"- {key}: {value}" for key, value in machine.items()]
     page += ["", "## Targets (issue 6)", ""]
     page += target_rows(decode, stories, prefill, uncached)
-    page += ["", "## Runs", ""]
+    page += ["", "Decode tok/s is all decode tokens over all decode time (a mean over steps); "
+             "\"decode step / lower bound\" and the bandwidth fraction use the median step, "
+             "which a slow spell of the shared machine moves less.", "", "## Runs", ""]
     for name, title, report in (
             ("gpt2_decode", "GPT-2-124M shape, decode at batch 1 and 8", decode),
             ("stories260k", "stories260K, decode at batch 1", stories),

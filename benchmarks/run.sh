@@ -13,8 +13,11 @@ OUT=benchmarks/results
 : > "$OUT/commands.txt"
 
 run() {  # run NAME COMMAND...: stdout to $OUT/NAME.json, the command line to commands.txt
-    local name=$1; shift
-    echo "$name: $*" >> "$OUT/commands.txt"
+    local name=$1 line="" arg; shift
+    for arg in "$@"; do  # quoted where needed, so that the page's commands can be pasted
+        if [[ $arg == *" "* ]]; then line+="\"$arg\" "; else line+="$arg "; fi
+    done
+    echo "$name: ${line% }" >> "$OUT/commands.txt"
     echo "== $name" >&2
     "$@" > "$OUT/$name.json"
 }

@@ -123,12 +123,13 @@ def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
             folder = _random_model(shape, Path(tmp))
-        elif Path(model).is_file():  # a llama2.c checkpoint: transformers reads the HF layout
-            from .convert import convert_llama2c
-            folder = convert_llama2c(model, Path(tmp) / "hf")
+            llm = load(folder)
         else:
+            llm = load(model)  # checks the model as `kvgen generate` does
             folder = Path(model)
-        llm = load(folder)
+            if folder.is_file():  # a llama2.c checkpoint: transformers reads the HF layout
+                from .convert import convert_llama2c
+                folder = convert_llama2c(model, Path(tmp) / "hf")
         llm.stop_token_ids = set()  # every engine generates exactly new_tokens tokens
         if prompt_len + new_tokens > llm.config.max_seq_len:
             raise KvgenError(f"prompt_len {prompt_len} + new_tokens {new_tokens} is over the "

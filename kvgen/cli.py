@@ -181,8 +181,9 @@ def _generate(args) -> int:
         return _generate_many(llm, args, options)
 
     if len(args.prompt) == 1:
+        pieces = llm.stream(args.prompt[0], **options)  # checks the options first
         sys.stdout.write(args.prompt[0])
-        for piece in llm.stream(args.prompt[0], **options):
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -251,6 +252,9 @@ def _serve(args) -> int:
 
     if not 1 <= args.port <= 65535:
         raise KvgenError(f"--port must be between 1 and 65535, got {args.port}")
+    # Bound here, before the model loads, so that a taken port is one clear error up front
+    # and "serving ..." is printed only once the server can take requests.
+    listening = _listen(args.host, args.port)
     llm = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
                download=args.download)
     _set_threads(args.threads, llm)
@@ -266,9 +270,28 @@ def _serve(args) -> int:
                      max_body_bytes=args.max_body_bytes)
     print(f"serving {llm.source} as {name!r} on http://{args.host}:{args.port}/v1"
           + (" (API key required)" if args.api_key else ""), file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, ws="none", lifespan="on",
-                log_level="info" if args.verbose else "warning")
+    config = uvicorn.Config(app, ws="none", lifespan="on",
+                            log_level="info" if args.verbose else "warning")
+    uvicorn.Server(config).run(sockets=[listening])
     return 0
+
+
+def _listen(host: str, port: int):
+    """Return a socket bound to host:port, or raise KvgenError saying why it cannot be."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listening = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise KvgenError(f"cannot listen on {host}:{port}: {e}") from None
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart without waiting
+    try:
+        listening.bind((host, port))
+    except OSError as e:
+        listening.close()
+        raise KvgenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return listening
 
 
 def _bench(args) -> int:

@@ -85,11 +85,9 @@ class LLM:
         """Yield the generated text of one prompt piece by piece, as it is decoded."""
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             raise KvgenError("stream() takes one prompt (a string or a list of token ids)")
-        generator = self._steps(self.encode_prompts(prompt), **_step_kwargs(**kwargs))
-        for step in generator:
-            for t in step:
-                if t.text:
-                    yield t.text
+        # Checked now, not at the first next(): a caller that writes the prompt out before
+        # iterating learns of a bad argument before writing anything.
+        return _texts(self._steps(self.encode_prompts(prompt), **_step_kwargs(**kwargs)))
 
     def _steps(self, prompt_ids, max_new_tokens, use_cache, params, stop, on_logits=None):
         stop = check_stop(stop)
@@ -170,6 +168,13 @@ class LLM:
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens {max_new_tokens} "
                     f"that is {len(p) + max_new_tokens}, over the model's context of "
                     f"{context} tokens")
+
+
+def _texts(steps) -> Iterator[str]:
+    for step in steps:
+        for t in step:
+            if t.text:
+                yield t.text
 
 
 def _step_kwargs(*, max_new_tokens: int = 128, use_cache: bool = True, temperature: float = 1.0,

@@ -16,6 +16,8 @@ from kvgen.cli import main
 def _run(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()
+    if code != 0:  # a refused run writes nothing to stdout, not even the prompt
+        assert captured.out == "", captured.out
     return code, captured.err
 
 

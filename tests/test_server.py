@@ -350,6 +350,19 @@ def test_kvgen_serve_command(tmp_path):
     assert "serving" in (tmp_path / "serve.log").read_text()
 
 
+def test_kvgen_serve_on_a_taken_port_is_one_clear_error(capsys):
+    from kvgen.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "serving" not in err
+
+
 def test_engine_loop_survives_a_failed_step_and_a_cancelled_add(ref):
     from kvgen.server.engine_loop import EngineFailed, EngineLoop
 
