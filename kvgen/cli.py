@@ -68,14 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", action="store_true",
                      help="run decode steps through torch.compile (needs a C++ compiler on "
                      "the CPU; the first steps pay the compilation)")
-    engine = gen.add_argument_group("engine (with --prompts-file)")
-    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    engine.add_argument("--kv-cache-memory", help="KV-cache pool size: 2GiB, 512MB, or bytes")
-    engine.add_argument("--num-blocks", type=int, help="KV-cache pool size in blocks")
-    engine.add_argument("--max-prefill-tokens", type=int,
-                        help="prompt tokens per step; longer prompts are prefilled in chunks")
-    engine.add_argument("--no-prefix-caching", action="store_true",
-                        help="do not reuse the cached blocks of shared prompt prefixes")
+    _add_engine_options(gen.add_argument_group("engine (with --prompts-file)"))
     gen.set_defaults(run=_generate)
 
     conv = commands.add_parser("convert",
@@ -133,15 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     serve.add_argument("--threads", type=int, help="CPU threads, as for generate")
     engine = serve.add_argument_group("engine")
-    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    engine.add_argument("--kv-cache-memory", help="KV-cache pool size: 2GiB, 512MB, or bytes")
-    engine.add_argument("--num-blocks", type=int, help="KV-cache pool size in blocks")
-    engine.add_argument("--max-prefill-tokens", type=int,
-                        help="prompt tokens per step; longer prompts are prefilled in chunks")
+    _add_engine_options(engine)
     engine.add_argument("--max-num-seqs", type=int, default=256,
                         help="most requests running at once")
-    engine.add_argument("--no-prefix-caching", action="store_true",
-                        help="do not reuse the cached blocks of shared prompt prefixes")
     serve.set_defaults(run=_serve)
 
     bench = commands.add_parser("bench", help="kvgen with and without its cache beside "
@@ -164,6 +151,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="FILE.png", help="per-step latency and tokens/s")
     bench.set_defaults(run=_bench)
     return parser
+
+
+def _add_engine_options(group):
+    """Add the serving engine's options, which generate --prompts-file and serve share."""
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    group.add_argument("--kv-cache-memory", help="KV-cache pool size: 2GiB, 512MB, or bytes")
+    group.add_argument("--num-blocks", type=int, help="KV-cache pool size in blocks")
+    group.add_argument("--max-prefill-tokens", type=int,
+                       help="prompt tokens per step; longer prompts are prefilled in chunks")
+    group.add_argument("--no-prefix-caching", action="store_true",
+                       help="do not reuse the cached blocks of shared prompt prefixes")
 
 
 def _generate(args) -> int:
