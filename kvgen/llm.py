@@ -82,7 +82,7 @@ class LLM:
         return results
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
-        """Yield the generated text of one prompt piece by piece, as it is decoded."""
+        """Return an iterator over the generated text of one prompt, piece by piece as decoded."""
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             raise KvgenError("stream() takes one prompt (a string or a list of token ids)")
         # Checked now, not at the first next(): a caller that writes the prompt out before
