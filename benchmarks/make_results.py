@@ -23,8 +23,8 @@ def load(name):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def runs_by(report, batch=None):
-    return {r["engine"]: r for r in report["runs"] if batch is None or r["batch"] == batch}
+def runs_by(report, batch):
+    return {r["engine"]: r for r in report["runs"] if r["batch"] == batch}
 
 
 def ratios(report, batch):

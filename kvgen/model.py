@@ -88,7 +88,7 @@ class Attention(nn.Module):
         # q, k and v in one matrix (rows: q, then k, then v): one matmul instead of three, which
         # matters when a decode step is dominated by per-operation overhead.
         self.wqkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
-                              bias=cfg.qkv_bias)
+                           bias=cfg.qkv_bias)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
 
     def forward(self, x, cos, sin, mask, cache, layer: int, start: int, causal: bool = False):
@@ -155,7 +155,7 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg)
         # A tied model reads its classifier from the embedding matrix; it has no lm_head.
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size,
-                                                                 bias=False)
+                                                              bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_rope()

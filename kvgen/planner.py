@@ -85,7 +85,11 @@ class Bounds:
     total_s: float
     decode_bound_by: str  # "memory" or "compute" for the last step; "none" without one
     uncached_s: float  # n full forwards over s, s+1, ..., s+n-1 tokens, each bounded alike
-    uncached_over_cached_s: float  # the time ratio the bounds predict (not the FLOP ratio)
+
+    @property
+    def uncached_over_cached_s(self) -> float:
+        """Return the time ratio the bounds predict (not the FLOP ratio)."""
+        return self.uncached_s / self.total_s
 
 
 @dataclass
@@ -196,12 +200,12 @@ def _arch_from_path(path: Path) -> Arch:
 
 def plan(model=None, *, preset: str | None = None, batch: int = 1, prompt_len: int = 512,
          new_tokens: int = 128, dtype: str = "float16", kv_dtype: str | None = None,
-         memory=None, hardware: str | None = None, measure: bool = False, tp: int = 1,
-         block_size: int | None = None) -> Plan:
+         memory=None, hardware: str | Hardware | None = None, measure: bool = False,
+         tp: int = 1, block_size: int | None = None) -> Plan:
     """Return the Plan of a model (see resolve_model) running a workload.
 
     memory is a per-device budget ("80GB", "80GiB" or bytes); hardware a profile name from
-    kvgen.hardware.HARDWARE, or measure=True to time this machine instead.
+    kvgen.hardware.HARDWARE or a Hardware, or measure=True to time this machine instead.
     """
     arch = resolve_model(model, preset)
     kv_dtype = kv_dtype or dtype
@@ -219,10 +223,7 @@ def plan(model=None, *, preset: str | None = None, batch: int = 1, prompt_len: i
     params = count_params(arch)
     memory_ = _memory(arch, params, work)
     parallel = _tensor_parallel(arch, work, memory_.cache_tokens, budget)
-    if isinstance(hardware, Hardware) or hardware is None:
-        profile = hardware
-    else:
-        profile = get_hardware(hardware)
+    profile = get_hardware(hardware) if isinstance(hardware, str) else hardware
     if measure:
         profile = measure_hardware()
     traffic, bounds = _traffic_and_bounds(arch, work, profile)
@@ -322,8 +323,7 @@ def _traffic_and_bounds(arch: Arch, w: Workload, profile: Hardware | None):
     return traffic, Bounds(
         profile.name, profile.source, profile.peak_flops, profile.bandwidth,
         profile.peak_flops / profile.bandwidth, prefill_s, seconds(last_flops, last_bytes),
-        decode_s, prefill_s + decode_s, bound_by, uncached_s,
-        uncached_s / (prefill_s + decode_s))
+        decode_s, prefill_s + decode_s, bound_by, uncached_s)
 
 
 def _fit(arch: Arch, w: Workload, budget: int, weight_bytes: int, per_token: int,

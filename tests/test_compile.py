@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 
-from conftest import STORIES
+from conftest import STORIES, require_stories
 from test_golden import _cases, _expected
 
-pytestmark = pytest.mark.skipif(
+needs_compiler = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None,
     reason="torch.compile on the CPU needs a C++ compiler")
 
@@ -16,9 +16,11 @@ pytestmark = pytest.mark.skipif(
 def compiled_llm():
     import kvgen
 
+    require_stories()
     return kvgen.load(STORIES / "stories260K.bin").compile_decode()
 
 
+@needs_compiler
 def test_compiled_decode_equals_goldens(compiled_llm):
     cases = [c for c in _cases() if c["steps"] <= 256]
     if not cases:
@@ -30,6 +32,7 @@ def test_compiled_decode_equals_goldens(compiled_llm):
         assert result.token_ids == expected, case["prompt"]
 
 
+@needs_compiler
 def test_compiled_decode_in_a_padded_batch_equals_goldens(compiled_llm):
     """Prompts of different lengths: left padding gives the decode steps a mask."""
     cases = {c["prompt"]: c for c in _cases() if c["steps"] <= 256}
@@ -46,6 +49,7 @@ def test_compiled_decode_in_a_padded_batch_equals_goldens(compiled_llm):
 def test_compile_without_a_compiler_is_one_clear_error(monkeypatch, capsys):
     from kvgen.cli import main
 
+    require_stories()
     monkeypatch.setattr(shutil, "which", lambda name: None)
     code = main(["generate", "--model", str(STORIES / "stories260K.bin"), "--prompt", "Hi",
                  "--max-new-tokens", "2", "--compile"])

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from kvgen import kernels
 
 
-@pytest.mark.parametrize("rows", [1, 3, kernels.ONEDNN_MAX_ROWS, kernels.ONEDNN_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 3, kernels.ONEDNN_MAX_ROWS])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("out_features,in_features", [(1024, 512), (48, 64)])
-def test_linear_matches_f_linear(rows, with_bias, out_features, in_features):
+def test_onednn_linear_matches_f_linear(rows, with_bias):
+    """Shapes that take the oneDNN route (the others are F.linear itself)."""
+    out_features, in_features = 1024, 512
     torch.manual_seed(rows)
     weight = torch.randn(out_features, in_features) / in_features ** 0.5
     bias = torch.randn(out_features) if with_bias else None
@@ -45,7 +46,7 @@ def test_training_keeps_autograd():
     assert weight.grad is not None
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 3072), (1, 512, 3072)])
+@pytest.mark.parametrize("shape", [(1, 16, 4096), (1, 512, 3072)])  # the sigmoid route
 def test_gelu_tanh_matches_pytorch(shape):
     x = torch.randn(shape) * 4
     with torch.inference_mode():
