@@ -82,6 +82,15 @@ class PagedKVCache:
 class PagedBatchView:
     """The cache as one forward pass of the engine sees it (duck-typed like KVCache).
 
+    Known shortcoming: attention reads a gathered copy. Each layer copies every row's keys and
+    values out of the pool and pads rows to the longest; on the GPT-2-shaped serving benchmark
+    (benchmarks/engine_bench.py, about 30 running requests of a few hundred tokens) the copy and
+    the attention over it take over half of a decode step, and the engine serves 1.2-1.3x
+    static batching's tokens/s instead of the 2x aimed for. Reading the pool in place needs a
+    paged-attention kernel; compiled FlexAttention over a block mask halves that time in
+    measurement, but torch 2.13's CPU template for it miscompiles some shapes (branch
+    flex-paged-attention has the attempt).
+
     write_rows [n] picks, from the batch's flattened [rows * t] tokens, those that are real
     (None: all are); write_slots [n] is the pool slot of each. key_slots [rows, n_keys] is the
     pool slot of each key a row attends to, padded with any valid slot where the row has fewer
