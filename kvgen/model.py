@@ -103,6 +103,9 @@ class Attention(nn.Module):
         q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, n_qk:]
         # q: [b, n_heads, t, head_dim]; k, v: [b, n_kv_heads, t, head_dim]
 
+        if getattr(cache, "attends_in_place", False):  # the engine's paged attention kernel
+            return self.wo(cache.attend(layer, q, k, v))
+
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # now [b, n_kv_heads, n_keys, head_dim]
 
@@ -171,7 +174,7 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, tokens, positions, mask=None, cache=None, start: int = 0,
-                last_only: bool = False, causal: bool = False):
+                last_only: bool = False, causal: bool = False, logits_at=None):
         """Return logits [b, t, vocab] (or [b, 1, vocab] with last_only) for tokens [b, t].
 
         positions [b, t] are each token's position in its own sequence (left padding makes them
@@ -181,7 +184,9 @@ class Transformer(nn.Module):
         (PyTorch's attention kernels then also skip the masked half of the scores). Without a
         cache the keys are the t tokens; with one, the tokens' keys and values go to slots
         start..start+t-1 and the queries attend to what cache.update returns (see
-        cache.key_slots for which slots those are).
+        cache.key_slots for which slots those are); a cache that attends_in_place takes the
+        queries too and returns the attention output itself. logits_at [k] picks the tokens along t
+        whose logits are wanted (logits [b, k, vocab]); last_only is logits_at=[t - 1].
         """
         if causal and (mask is not None or start != 0):
             raise ValueError("causal=True takes no mask and starts at slot 0")
@@ -198,6 +203,8 @@ class Transformer(nn.Module):
 
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[:, logits_at]
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return linear(x, weight)

@@ -80,13 +80,18 @@ def test_outputs_equal_solo_runs(stories_llm, data):
                     num_blocks=need + data.draw(st.integers(0, 2)) if tight else 400,
                     enable_prefix_caching=data.draw(st.booleans(), "caching"),
                     max_prefill_tokens=data.draw(st.sampled_from([None, 1, 3, 16]), "chunk"))
-    # Force every layout: prompts cut over several rows, padded rows, decode rows of k tokens.
-    width = data.draw(st.sampled_from([None, 1, 2, 5]), "row width")
-    if width is not None:
-        engine.runner._row_width = lambda lengths, n_keys: width
-    pack = data.draw(st.sampled_from([None, 1, 2, 3]), "decode tokens per row")
-    if pack is not None:
-        engine.runner._pack_cost = lambda rows: abs(max(len(row) for row in rows) - pack)
+    # Both attention paths: the in-place kernel (where it builds) and the gathered copy.
+    engine.runner.in_place &= data.draw(st.booleans(), "in-place attention")
+    event(f"in-place attention: {engine.runner.in_place}")
+    if not engine.runner.in_place:
+        # Force every layout: prompts cut over several rows, padded rows, decode rows of k
+        # tokens.
+        width = data.draw(st.sampled_from([None, 1, 2, 5]), "row width")
+        if width is not None:
+            engine.runner._row_width = lambda lengths, n_keys: width
+        pack = data.draw(st.sampled_from([None, 1, 2, 3]), "decode tokens per row")
+        if pack is not None:
+            engine.runner._pack_cost = lambda rows: abs(max(len(row) for row in rows) - pack)
 
     got = _run(engine, arrivals)
     stats = engine.stats()

@@ -7,6 +7,7 @@ their maximum length up front.
 
 import torch
 
+from . import paged_attention
 from ..config import ModelConfig
 from ..errors import KvgenError
 from ..hardware import parse_bytes
@@ -79,17 +80,47 @@ class PagedKVCache:
         return self._scratch[:n]
 
 
-class PagedBatchView:
-    """The cache as one forward pass of the engine sees it (duck-typed like KVCache).
+class PagedInPlaceView:
+    """The cache as one forward pass of the engine sees it, attention read in place.
 
-    Known shortcoming: attention reads a gathered copy. Each layer copies every row's keys and
-    values out of the pool and pads rows to the longest; on the GPT-2-shaped serving benchmark
-    (benchmarks/engine_bench.py, about 30 running requests of a few hundred tokens) the copy and
-    the attention over it take over half of a decode step, and the engine serves 1.2-1.3x
-    static batching's tokens/s instead of the 2x aimed for. Reading the pool in place needs a
-    paged-attention kernel; compiled FlexAttention over a block mask halves that time in
-    measurement, but torch 2.13's CPU template for it miscompiles some shapes (branch
-    flex-paged-attention has the attempt).
+    The pass is one row of tokens [1, n_tokens], every sequence's tokens side by side: token i
+    belongs to the sequence whose block table is tables[token_table[i]] and attends to that
+    sequence's keys 0..n_keys[i]-1 (its own position and before). No padding, no mask and no
+    copy of the keys: the kernel walks each sequence's blocks in the pool.
+    """
+
+    attends_in_place = True
+
+    def __init__(self, cache: PagedKVCache, write_slots: torch.Tensor, tables: torch.Tensor,
+                 token_table: torch.Tensor, n_keys: torch.Tensor):
+        self.cache, self.write_slots = cache, write_slots
+        self.tables, self.token_table, self.n_keys = tables, token_table, n_keys
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Return attention outputs [1, n_tokens, n_heads * head_dim] after writing k, v
+        ([1, n_kv_heads, n_tokens, head_dim]) to their slots; q is [1, n_heads, n_tokens,
+        head_dim].
+
+        All tokens are written before any is read, so a prompt chunk sees its own keys.
+        """
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        k_pool.index_copy_(1, self.write_slots, k[0])
+        v_pool.index_copy_(1, self.write_slots, v[0])
+        out = paged_attention.paged_attention(q[0].transpose(0, 1), k_pool, v_pool, self.tables,
+                                              self.token_table, self.n_keys,
+                                              self.cache.block_size)
+        return out.view(1, q.shape[2], -1)
+
+
+class PagedBatchView:
+    """The cache as one forward pass of the engine sees it (duck-typed like KVCache), read
+    through a gathered copy: the path where the paged-attention kernel cannot run (no C
+    compiler, a dtype other than fp32, a GPU).
+
+    Each layer copies every row's keys and values out of the pool and pads rows to the
+    longest; on the GPT-2-shaped serving benchmark (benchmarks/engine_bench.py, about 30
+    running requests of a few hundred tokens) that copy and the attention over it took over
+    half of a decode step, which is why PagedInPlaceView exists.
 
     write_rows [n] picks, from the batch's flattened [rows * t] tokens, those that are real
     (None: all are); write_slots [n] is the pool slot of each. key_slots [rows, n_keys] is the

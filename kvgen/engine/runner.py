@@ -1,5 +1,9 @@
 """One forward pass over a mixed batch: prompt chunks and decode tokens of many sequences.
 
+Where the paged-attention kernel runs (fp32 on the CPU with a C compiler), the batch is one
+row: every sequence's tokens side by side, each attending to its own sequence's keys in the
+pool (PagedInPlaceView), so nothing is padded and no layout needs choosing. Otherwise:
+
 The model takes a rectangle of tokens [rows, width], and each row attends to its own keys
 [n_keys]. A piece is up to `width` consecutive tokens of one sequence: a long prompt chunk is
 cut into pieces from its end, so only its first piece is short. Usually each row holds one
@@ -15,7 +19,8 @@ import torch
 
 from ..generate import PAD_ID
 from ..model import Transformer
-from .paged_cache import PagedBatchView, PagedKVCache
+from . import paged_attention
+from .paged_cache import PagedBatchView, PagedInPlaceView, PagedKVCache
 from .sequence import Sequence
 
 # A row's keys cost a gather and the attention kernel's per-row work, not arithmetic: weigh
@@ -33,10 +38,15 @@ class Piece(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache):
+    def __init__(self, model: Transformer, cache: PagedKVCache, in_place: bool | None = None):
+        """in_place: attend through the paged-attention kernel (None: wherever it runs)."""
         self.model, self.cache = model, cache
         self.device = model.embed.weight.device
         cfg = model.cfg
+        if in_place is None:
+            in_place = paged_attention.supports(cache.k.dtype, cache.k.device, cfg.head_dim,
+                                                cache.block_size)
+        self.in_place = in_place
         mlp = (3 if cfg.mlp == "swiglu" else 2) * cfg.dim * cfg.hidden_dim
         attn = cfg.dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         # Rough multiply-add counts, only to compare layouts with one another.
@@ -53,6 +63,9 @@ class ModelRunner:
         Each (seq, n) feeds seq.token_ids[seq.num_computed:][:n], whose block table already
         covers them; their keys and values are written to the pool.
         """
+        if self.in_place:
+            return self._run_in_place(batch)
+
         rows = self._layout(batch)
         width = max(sum(p.count for p in row) for row in rows)
         tokens, positions, offsets, owners, last = [], [], [], [], [None] * len(batch)
@@ -103,6 +116,29 @@ class ModelRunner:
                             last_only=one_per_row)  # [rows, 1 or width, vocab]
         rows_of, columns = (torch.tensor(x, device=dev) for x in zip(*last))
         return logits[rows_of, -1] if one_per_row else logits[rows_of, columns]
+
+    def _run_in_place(self, batch) -> torch.Tensor:
+        """run(), as one row of all the batch's tokens read by the paged-attention kernel."""
+        tokens, positions, token_table = [], [], []
+        for i, (seq, n) in enumerate(batch):
+            start = seq.num_computed
+            tokens += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            token_table += [i] * n
+
+        dev, bs = self.device, self.cache.block_size
+        longest_table = max(len(seq.block_table) for seq, _ in batch)
+        tables = torch.tensor([seq.block_table + [0] * (longest_table - len(seq.block_table))
+                               for seq, _ in batch], dtype=torch.int32, device=dev)
+        positions = torch.tensor(positions, device=dev)  # [n_tokens]
+        token_table = torch.tensor(token_table, dtype=torch.int32, device=dev)
+        write_slots = tables[token_table.long(), positions // bs].long() * bs + positions % bs
+        n_keys = (positions + 1).to(torch.int32)  # a token sees its own position and before
+        last = torch.tensor([n for _, n in batch], device=dev).cumsum(0) - 1
+
+        view = PagedInPlaceView(self.cache, write_slots, tables, token_table, n_keys)
+        tokens = torch.tensor([tokens], device=dev)
+        return self.model(tokens, positions[None], None, view, 0, logits_at=last)[0]
 
     def _key_slots(self, pieces, table, piece_row, piece_offset, n_rows) -> torch.Tensor:
         """Return the pool slot of every key of every row [rows, n_keys]: each piece's

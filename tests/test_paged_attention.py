@@ -1,0 +1,61 @@
+"""The paged-attention kernel against PyTorch's attention over the same keys gathered by hand."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvgen.engine import paged_attention
+
+needs_kernel = pytest.mark.skipif(
+    not paged_attention.supports(torch.float32, "cpu", 64, 16),
+    reason="the paged-attention kernel cannot be built here (no C compiler)")
+
+
+def test_kernel_builds_where_a_compiler_is():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert paged_attention.load() is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,block_size",
+                         [(12, 12, 64, 16), (8, 4, 8, 4), (6, 2, 48, 3), (4, 1, 32, 1)])
+def test_kernel_equals_sdpa_on_the_gathered_keys(n_heads, n_kv_heads, head_dim, block_size):
+    torch.manual_seed(0)
+    num_blocks = 64
+    k_pool = torch.randn(n_kv_heads, num_blocks * block_size, head_dim)
+    v_pool = torch.randn(n_kv_heads, num_blocks * block_size, head_dim)
+    # Sequences of these lengths on shuffled blocks; queries at their last three positions.
+    blocks = torch.randperm(num_blocks).tolist()
+    tables = []
+    for length in [5, 1, 17, 30]:
+        n = -(-length // block_size)
+        tables.append((length, blocks[:n]))
+        blocks = blocks[n:]
+    width = max(len(t) for _, t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for _, t in tables], dtype=torch.int32)
+    queries = [(i, p) for i, (length, _) in enumerate(tables) for p in range(length)[-3:]]
+    token_table = torch.tensor([i for i, _ in queries], dtype=torch.int32)
+    n_keys = torch.tensor([p + 1 for _, p in queries], dtype=torch.int32)
+    # Queries strided as the model's are: a transposed view of a larger tensor.
+    q = torch.randn(n_heads + 3, len(queries), head_dim).transpose(0, 1)[:, :n_heads]
+
+    out = paged_attention.paged_attention(q, k_pool, v_pool, table, token_table, n_keys,
+                                          block_size)
+
+    group = n_heads // n_kv_heads
+    for j, (i, p) in enumerate(queries):
+        t = tables[i][1]
+        slots = torch.tensor([t[s // block_size] * block_size + s % block_size
+                              for s in range(p + 1)])
+        k = k_pool[:, slots].repeat_interleave(group, 0)
+        v = v_pool[:, slots].repeat_interleave(group, 0)
+        expected = F.scaled_dot_product_attention(q[j][:, None], k, v)[:, 0]
+        torch.testing.assert_close(out[j], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_pools_take_the_gather_path():
+    assert not paged_attention.supports(torch.float16, "cpu", 64, 16)
+    assert not paged_attention.supports(torch.float32, "cpu", 1024, 16)
+    assert not paged_attention.supports(torch.float32, "cpu", 64, 4096)
