@@ -62,6 +62,17 @@ static void attend_head(const Job *job, const float *q, const float *k, const fl
         const float *kb = k + base, *vb = v + base;
         const int count = n_keys - first < bs ? n_keys - first : bs;
 
+        /* Blocks lie anywhere in the pool, each in its own page, where the hardware
+         * prefetcher does not follow: ask for the next block while this one is summed. */
+        if (first + bs < n_keys) {
+            const int64_t next = (int64_t)table[first / bs + 1] * bs * hd;
+            const int lines = bs * hd / 16; /* 64-byte lines of 16 floats */
+            for (int c = 0; c < lines; c++) {
+                __builtin_prefetch(k + next + c * 16);
+                __builtin_prefetch(v + next + c * 16);
+            }
+        }
+
         float block_max = -INFINITY;
         for (int i = 0; i < count; i++) {
             scores[i] = dot(q, kb + (int64_t)i * hd, hd) * job->scale;

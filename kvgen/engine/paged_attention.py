@@ -109,21 +109,25 @@ def supports(dtype: torch.dtype, device, head_dim: int, block_size: int) -> bool
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     tables: torch.Tensor, token_table: torch.Tensor, n_keys: torch.Tensor,
-                    block_size: int) -> torch.Tensor:
+                    block_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Return attention outputs [n_tokens, n_heads, head_dim] for queries q [n_tokens, n_heads,
     head_dim] (any strides but the last), each token attending to keys 0..n_keys-1 of its
     sequence, whose blocks are tables[token_table[token]].
 
     k_pool, v_pool: one layer's pool [n_kv_heads, n_slots, head_dim], contiguous. tables,
     token_table and n_keys are int32 and contiguous. The scale is 1/sqrt(head_dim), as
-    scaled_dot_product_attention's.
+    scaled_dot_product_attention's. out, if given, is written instead of a new tensor
+    (contiguous, of the result's shape).
     """
     fn = load()
     n_tokens, n_heads, head_dim = q.shape
     n_kv_heads, n_slots, _ = k_pool.shape
     assert q.stride(2) == 1 and k_pool.is_contiguous() and v_pool.is_contiguous()
     assert tables.dtype == token_table.dtype == n_keys.dtype == torch.int32
-    out = torch.empty(n_tokens, n_heads, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(n_tokens, n_heads, head_dim, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.is_contiguous()
+    assert tables.is_contiguous() and token_table.is_contiguous() and n_keys.is_contiguous()
     status = fn(q.data_ptr(), q.stride(0), q.stride(1), k_pool.data_ptr(), v_pool.data_ptr(),
                 n_slots, tables.data_ptr(), tables.shape[1], token_table.data_ptr(),
                 n_keys.data_ptr(), out.data_ptr(), n_tokens, n_heads, n_kv_heads, head_dim,

@@ -5,7 +5,10 @@ wherever its block table says, so requests of any length share the pool without 
 their maximum length up front.
 """
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 
 from . import paged_attention
 from ..config import ModelConfig
@@ -80,36 +83,66 @@ class PagedKVCache:
         return self._scratch[:n]
 
 
+class PromptPiece(NamedTuple):
+    """Consecutive tokens of one sequence's prompt in a PagedInPlaceView's row."""
+    offset: int  # where they sit in the row
+    count: int
+    start: int  # position of the first; 0 for a prompt with nothing cached
+    key_slots: torch.Tensor | None  # [start + count] pool slots of positions 0.., if start > 0
+    mask: torch.Tensor | None  # [count, start + count], True where a query sees a key
+
+
 class PagedInPlaceView:
     """The cache as one forward pass of the engine sees it, attention read in place.
 
-    The pass is one row of tokens [1, n_tokens], every sequence's tokens side by side: token i
-    belongs to the sequence whose block table is tables[token_table[i]] and attends to that
-    sequence's keys 0..n_keys[i]-1 (its own position and before). No padding, no mask and no
-    copy of the keys: the kernel walks each sequence's blocks in the pool.
+    The pass is one row of tokens [1, n_tokens], every sequence's tokens side by side, no
+    padding. The first n_decode are single tokens (decode steps, mostly): token i attends to
+    keys 0..n_keys[i]-1 of the sequence whose block table is tables[token_table[i]], read by
+    the paged-attention kernel where they lie in the pool. The rest are prompt pieces, where
+    many queries share one sequence's keys: PyTorch's attention does those faster (it tiles
+    queries against keys), on the piece's own keys when nothing came before it, else on its
+    sequence's keys gathered from the pool.
     """
 
     attends_in_place = True
 
     def __init__(self, cache: PagedKVCache, write_slots: torch.Tensor, tables: torch.Tensor,
-                 token_table: torch.Tensor, n_keys: torch.Tensor):
+                 token_table: torch.Tensor, n_keys: torch.Tensor, prompts: list[PromptPiece]):
         self.cache, self.write_slots = cache, write_slots
         self.tables, self.token_table, self.n_keys = tables, token_table, n_keys
+        self.n_decode = len(n_keys)
+        self.prompts = prompts
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Return attention outputs [1, n_tokens, n_heads * head_dim] after writing k, v
         ([1, n_kv_heads, n_tokens, head_dim]) to their slots; q is [1, n_heads, n_tokens,
         head_dim].
-
-        All tokens are written before any is read, so a prompt chunk sees its own keys.
         """
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
         k_pool.index_copy_(1, self.write_slots, k[0])
         v_pool.index_copy_(1, self.write_slots, v[0])
-        out = paged_attention.paged_attention(q[0].transpose(0, 1), k_pool, v_pool, self.tables,
-                                              self.token_table, self.n_keys,
-                                              self.cache.block_size)
-        return out.view(1, q.shape[2], -1)
+        _, n_heads, n_tokens, head_dim = q.shape
+        out = torch.empty(n_tokens, n_heads, head_dim, dtype=q.dtype, device=q.device)
+
+        if self.n_decode:
+            paged_attention.paged_attention(
+                q[0, :, :self.n_decode].transpose(0, 1), k_pool, v_pool, self.tables,
+                self.token_table, self.n_keys, self.cache.block_size, out=out[:self.n_decode])
+
+        gqa = k.shape[1] != n_heads
+        for p in self.prompts:
+            span = slice(p.offset, p.offset + p.count)
+            if p.start == 0:  # its keys are exactly its own tokens'
+                piece = F.scaled_dot_product_attention(
+                    q[:, :, span], k[:, :, span], v[:, :, span], is_causal=True,
+                    enable_gqa=gqa)
+            else:
+                keys = k_pool.index_select(1, p.key_slots)[None]
+                values = v_pool.index_select(1, p.key_slots)[None]
+                piece = F.scaled_dot_product_attention(q[:, :, span], keys, values,
+                                                       attn_mask=p.mask, enable_gqa=gqa)
+            out[span] = piece[0].transpose(0, 1)
+        return out.view(1, n_tokens, n_heads * head_dim)
 
 
 class PagedBatchView:

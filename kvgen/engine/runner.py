@@ -20,7 +20,7 @@ import torch
 from ..generate import PAD_ID
 from ..model import Transformer
 from . import paged_attention
-from .paged_cache import PagedBatchView, PagedInPlaceView, PagedKVCache
+from .paged_cache import PagedBatchView, PagedInPlaceView, PagedKVCache, PromptPiece
 from .sequence import Sequence
 
 # A row's keys cost a gather and the attention kernel's per-row work, not arithmetic: weigh
@@ -118,26 +118,41 @@ class ModelRunner:
         return logits[rows_of, -1] if one_per_row else logits[rows_of, columns]
 
     def _run_in_place(self, batch) -> torch.Tensor:
-        """run(), as one row of all the batch's tokens read by the paged-attention kernel."""
-        tokens, positions, token_table = [], [], []
-        for i, (seq, n) in enumerate(batch):
+        """run(), as one row of all the batch's tokens (see PagedInPlaceView): single tokens
+        first, then prompt pieces."""
+        dev, bs = self.device, self.cache.block_size
+        tables = [seq.block_table for seq, _ in batch]
+        longest_table = max(len(t) for t in tables)
+        tables = torch.tensor([t + [0] * (longest_table - len(t)) for t in tables],
+                              dtype=torch.int32, device=dev)  # [sequences, blocks]
+        singles = [i for i, (_, n) in enumerate(batch) if n == 1]
+        pieces = [i for i, (_, n) in enumerate(batch) if n > 1]
+
+        tokens, positions, last, prompts = [], [], [0] * len(batch), []
+        for i in singles + pieces:
+            seq, n = batch[i]
             start = seq.num_computed
+            offset = len(tokens)
             tokens += seq.token_ids[start:start + n]
             positions += range(start, start + n)
-            token_table += [i] * n
+            last[i] = len(tokens) - 1
+            if n > 1:
+                key_slots = mask = None
+                if start > 0:  # keys 0..start+n-1, each query up to its own position
+                    key_pos = torch.arange(start + n, device=dev)
+                    key_slots = tables[i, key_pos // bs].long() * bs + key_pos % bs
+                    mask = key_pos[None] <= (start + torch.arange(n, device=dev))[:, None]
+                prompts.append(PromptPiece(offset, n, start, key_slots, mask))
 
-        dev, bs = self.device, self.cache.block_size
-        longest_table = max(len(seq.block_table) for seq, _ in batch)
-        tables = torch.tensor([seq.block_table + [0] * (longest_table - len(seq.block_table))
-                               for seq, _ in batch], dtype=torch.int32, device=dev)
         positions = torch.tensor(positions, device=dev)  # [n_tokens]
-        token_table = torch.tensor(token_table, dtype=torch.int32, device=dev)
+        token_table = torch.tensor(singles + [i for i in pieces for _ in range(batch[i][1])],
+                                   dtype=torch.int32, device=dev)
         write_slots = tables[token_table.long(), positions // bs].long() * bs + positions % bs
-        n_keys = (positions + 1).to(torch.int32)  # a token sees its own position and before
-        last = torch.tensor([n for _, n in batch], device=dev).cumsum(0) - 1
-
-        view = PagedInPlaceView(self.cache, write_slots, tables, token_table, n_keys)
+        single_positions = positions[:len(singles)]
+        view = PagedInPlaceView(self.cache, write_slots, tables, token_table[:len(singles)],
+                                (single_positions + 1).to(torch.int32), prompts)
         tokens = torch.tensor([tokens], device=dev)
+        last = torch.tensor(last, device=dev)
         return self.model(tokens, positions[None], None, view, 0, logits_at=last)[0]
 
     def _key_slots(self, pieces, table, piece_row, piece_offset, n_rows) -> torch.Tensor:
