@@ -2,6 +2,7 @@
 
     python benchmarks/engine_bench.py            # 64 requests, GPT-2-124M shape (slow on CPU)
     python benchmarks/engine_bench.py --quick    # fewer, shorter requests on a smaller model
+    python benchmarks/engine_bench.py --json F   # also writes the figures to F (RESULTS.md)
 
 The model is randomly initialised (GPT-2 shaped, no stop token), so every request runs to its
 own max_new_tokens; timings depend only on shapes. Static batching gets the KV memory budget
@@ -11,6 +12,7 @@ runs until its slowest request is done. Throughput counts each request's own tok
 """
 
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from kvgen import LLM, Engine
 from kvgen.config import ModelConfig
 from kvgen.engine.paged_cache import bytes_per_block
+from kvgen.hardware import describe_machine
 from kvgen.model import Transformer
 
 FULL = dict(dim=768, n_layers=12, n_heads=12, requests=64, prompt=(16, 512), output=(16, 256),
@@ -92,6 +95,7 @@ def main():
                         help="leave out the slowest mode")
     parser.add_argument("--static-rows", type=int,
                         help="rows per static batch, which also sets the KV budget of both")
+    parser.add_argument("--json", type=Path, help="also write the measurements to this file")
     args = parser.parse_args()
     setup = dict(QUICK if args.quick else FULL)
     if args.static_rows:
@@ -114,16 +118,19 @@ def main():
     engine = Engine(llm, block_size=args.block_size, kv_cache_memory=budget)
     engine_s, peak = engine_run(engine, requests)
     stats = engine.stats()
+    attention = "in place (C kernel)" if engine.runner.in_place else "gathered copy"
     print(f"KV budget {budget / 2**20:.1f} MiB (= {setup['static_rows']} rows x {worst} "
           f"tokens contiguous); engine: {stats.num_blocks} blocks of {args.block_size}, "
-          f"{stats.preemptions} preemptions, {stats.steps} steps")
+          f"attention {attention}, {stats.preemptions} preemptions, {stats.steps} steps")
     running = peak["running"]
-    print(f"KV memory at peak: the engine used "
-          f"{per_token * args.block_size * peak['blocks'] / 2**20:.1f} MiB for {running} running"
-          f" requests;\n  a contiguous cache reserves {running * worst * per_token / 2**20:.1f} "
-          f"MiB for as many rows of {worst} tokens (longest prompt + longest output),\n  "
-          f"{running * cfg.max_seq_len * per_token / 2**20:.1f} MiB for rows of the model's "
-          f"context ({cfg.max_seq_len})")
+    memory = dict(engine_peak=per_token * args.block_size * peak["blocks"],
+                  contiguous_worst=running * worst * per_token,
+                  contiguous_context=running * cfg.max_seq_len * per_token)
+    print(f"KV memory at peak: the engine used {memory['engine_peak'] / 2**20:.1f} MiB for "
+          f"{running} running requests;\n  a contiguous cache reserves "
+          f"{memory['contiguous_worst'] / 2**20:.1f} MiB for as many rows of {worst} tokens "
+          f"(longest prompt + longest output),\n  {memory['contiguous_context'] / 2**20:.1f} "
+          f"MiB for rows of the model's context ({cfg.max_seq_len})")
 
     # Time to first token with a shared prefix: the first request computes it, the next hits.
     rng = random.Random(1)
@@ -136,6 +143,7 @@ def main():
           f"{ttft.stats().prefix_cache_hit_tokens} tokens from the cache)")
 
     print(f"\n{'mode':32}{'seconds':>10}{'tokens/s':>12}{'engine is':>12}", flush=True)
+    modes = []
     for name, run in (("engine (paged, continuous)", lambda: engine_s),
                       (f"static batches of {setup['static_rows']}",
                        lambda: static_batches(llm, requests, setup["static_rows"])),
@@ -143,8 +151,24 @@ def main():
         if name == "one at a time" and args.skip_one_at_a_time:
             continue
         seconds = run()
+        modes.append(dict(mode=name, seconds=seconds, tokens_per_s=useful / seconds,
+                          engine_speedup=seconds / engine_s))
         print(f"{name:32}{seconds:>10.2f}{useful / seconds:>12.1f}{seconds / engine_s:>11.2f}x",
               flush=True)
+
+    if args.json:
+        report = dict(model=f"GPT-2 shape, dim {cfg.dim}, {cfg.n_layers} layers, random weights",
+                      requests=len(requests), prompt_range=setup["prompt"],
+                      output_range=setup["output"], new_tokens=useful,
+                      block_size=args.block_size, num_blocks=stats.num_blocks,
+                      kv_budget_bytes=budget, static_rows=setup["static_rows"],
+                      attention=attention, preemptions=stats.preemptions, steps=stats.steps,
+                      peak_running=running, kv_bytes=memory, modes=modes,
+                      ttft=dict(prefix_tokens=setup["prefix"], miss_s=miss, hit_s=hit,
+                                hit_tokens=ttft.stats().prefix_cache_hit_tokens),
+                      threads=torch.get_num_threads(), machine=describe_machine())
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
 
 if __name__ == "__main__":
     main()

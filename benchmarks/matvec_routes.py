@@ -1,4 +1,4 @@
-"""Bytes/s of every matrix-vector route PyTorch offers, per dtype and weight layout, at batch 1.
+"""Bytes/s of every matrix-vector route PyTorch offers, and kvgen's own, at batch 1.
 
     python benchmarks/matvec_routes.py [--threads N] [--json FILE]
 
@@ -10,7 +10,8 @@ from memory as in a real decode step) and the 50257 x 768 classifier. Routes:
   F.linear(x, W)      W stored [out, in], PyTorch's default (MKL gemv on x86 CPUs)
   torch.mv(W, x)      the same layout through the matrix-vector entry point
   x @ Wt              W stored transposed, [in, out]
-  oneDNN linear       torch.ops.mkldnn._linear_pointwise on [out, in] (kvgen's decode route)
+  oneDNN linear       torch.ops.mkldnn._linear_pointwise on [out, in]
+  kvgen C matvec      kvgen/csrc/matvec.c on [out, in], float32 only (kvgen's decode route)
 """
 
 import argparse
@@ -20,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kvgen import kernels
 from kvgen.hardware import describe_machine, measure as measure_machine
 
 LAYER_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12  # out, in
@@ -30,11 +32,18 @@ def _onednn(x, w):
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
+def _c_matvec(x, w):
+    if w.dtype != torch.float32 or kernels._matvec_kernel() is None:
+        raise RuntimeError("the C loop takes float32 only, and needs a C compiler")
+    return kernels._matvec(x, w, None)
+
+
 ROUTES = {  # name: (weight layout, product of x [1, in] and the stored weight)
     "F.linear": ("[out, in]", lambda x, w: F.linear(x, w)),
     "torch.mv": ("[out, in]", lambda x, w: torch.mv(w, x[0])),
     "x @ Wt": ("[in, out]", lambda x, wt: x @ wt),
     "oneDNN linear": ("[out, in]", _onednn),
+    "kvgen C matvec": ("[out, in]", _c_matvec),
 }
 
 

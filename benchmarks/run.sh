@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reruns every measurement behind benchmarks/RESULTS.md, then writes the page and the README's
-# pictures. About 25 minutes on a 2-core CPU; run it on an otherwise idle machine.
+# pictures. About an hour on a 2-core CPU; run it on an otherwise idle machine.
 #
 #   bash benchmarks/run.sh            (from the repository root; builds .venv if needed)
 set -euo pipefail
@@ -32,6 +32,10 @@ run gpt2_prefill512 kvgen bench --shape gpt2 --prompt-len 512 --new-tokens 4 --r
     --engine "kvgen cache" --engine "transformers cache" --json
 run gpt2_uncached256 kvgen bench --shape gpt2 --prompt-len 32 --new-tokens 256 --repeats 1 \
     --engine "kvgen cache" --engine "kvgen no-cache" --json --plot docs/step_latency.png
+run gpt2_uncached256_b16 kvgen bench --shape gpt2 --batch 16 --prompt-len 32 --new-tokens 256 \
+    --repeats 1 --engine "kvgen cache" --engine "kvgen no-cache" --json
+echo "engine: python benchmarks/engine_bench.py --json $OUT/engine.json" >> "$OUT/commands.txt"
+python benchmarks/engine_bench.py --json "$OUT/engine.json"
 echo "matvec_routes: python benchmarks/matvec_routes.py --json $OUT/matvec_routes.json" \
     >> "$OUT/commands.txt"
 python benchmarks/matvec_routes.py --json "$OUT/matvec_routes.json"

@@ -4,15 +4,20 @@ A decode step multiplies a few rows of activations by every weight matrix: a mat
 product, bound by how fast the weights stream from memory, not by arithmetic. On x86 CPUs
 F.linear sends it to MKL's gemv, which runs on one core (about 16 GB/s on this project's 2-core
 machine); oneDNN's linear, the kernel torch.compile's CPU backend emits, spreads it over every
-thread (27-32 GB/s there). For many rows, a prefill of hundreds of tokens, the product is bound
-by arithmetic and MKL's gemm is the faster one. benchmarks/matvec_routes.py measures the routes.
+thread (22-29 GB/s there), and kvgen's own C loop (kvgen/csrc/matvec.c) does better again for
+one to a few rows. For many rows, a prefill of hundreds of tokens, the product is bound by
+arithmetic and MKL's gemm is the faster one. benchmarks/matvec_routes.py measures the routes.
 """
 
+import ctypes
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import native
 
 # oneDNN wins only where the weights stream from memory: for a small matrix, one that stays
 # in cache, its higher per-call cost dominates (stories260K, dim 64, decodes 40% slower with it).
@@ -50,16 +55,51 @@ def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+# Up to this many rows the C loop beats oneDNN on GPT-2's shapes here (each further row
+# re-reads the weights from cache, not memory, but costs arithmetic oneDNN does better).
+MATVEC_MAX_ROWS = 4
+
+
+@functools.cache
+def _matvec_kernel():
+    """Return the C loop's ctypes function, or None where it cannot be built."""
+    library = native.load("matvec")
+    if library is None:
+        return None
+    fn = library.kvgen_matvec
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr, ctypes.c_int, i64, ptr, ptr, ptr, i64]
+    fn.restype = None
+    return fn
+
+
+use_matvec = True  # a switch for comparing routes
+
+
+def _matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Return x @ weight.T + bias by the C loop (all fp32 and contiguous)."""
+    n_out, n_in = weight.shape
+    y = x.new_empty((*x.shape[:-1], n_out))
+    _matvec_kernel()(x.data_ptr(), x.numel() // n_in, n_in, weight.data_ptr(),
+                     None if bias is None else bias.data_ptr(), y.data_ptr(), n_out)
+    return y
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Return x @ weight.T + bias, as F.linear does, by the faster route for x's shape."""
-    if (use_onednn and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and weight.is_contiguous()
-            and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
-            and x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled()):  # oneDNN's op has no backward: training
-        if torch.compiler.is_compiling():
-            return _onednn_linear_opaque(x, weight, bias)
-        return _onednn_linear(x.contiguous(), weight, bias, "none", [], "")
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.is_contiguous() and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
+            and not torch.is_grad_enabled()):  # neither route below has a backward
+        rows = x.numel() // x.shape[-1]
+        # Not under torch.compile, which keeps the oneDNN op (not yet measured there).
+        if (use_matvec and rows <= MATVEC_MAX_ROWS and not torch.compiler.is_compiling()
+                and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+                and _matvec_kernel() is not None):
+            return _matvec(x.contiguous(), weight, bias)
+        if use_onednn and rows <= ONEDNN_MAX_ROWS:
+            if torch.compiler.is_compiling():
+                return _onednn_linear_opaque(x, weight, bias)
+            return _onednn_linear(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 

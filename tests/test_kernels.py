@@ -1,5 +1,7 @@
 """The projection kernels: every route gives F.linear's result."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,11 +9,13 @@ import torch.nn.functional as F
 from kvgen import kernels
 
 
-@pytest.mark.parametrize("rows", [1, 3, kernels.ONEDNN_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, kernels.MATVEC_MAX_ROWS, kernels.MATVEC_MAX_ROWS + 1,
+                                  kernels.ONEDNN_MAX_ROWS])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_onednn_linear_matches_f_linear(rows, with_bias):
-    """Shapes that take the oneDNN route (the others are F.linear itself)."""
-    out_features, in_features = 1024, 512
+@pytest.mark.parametrize("out_features", [1024, 1027])  # 1027: the C loop's last outputs
+def test_few_row_routes_match_f_linear(rows, with_bias, out_features):
+    """Shapes that take the C loop or oneDNN (the others are F.linear itself)."""
+    in_features = 512
     torch.manual_seed(rows)
     weight = torch.randn(out_features, in_features) / in_features ** 0.5
     bias = torch.randn(out_features) if with_bias else None
@@ -25,19 +29,29 @@ def test_onednn_linear_matches_f_linear(rows, with_bias):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_onednn_route_is_taken_for_a_streamed_matrix(monkeypatch):
-    if not kernels.use_onednn:
-        pytest.skip("this PyTorch build has no oneDNN linear")
+def test_each_route_is_taken_where_it_should_be(monkeypatch):
     calls = []
-    real = kernels._onednn_linear
-    monkeypatch.setattr(kernels, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
+    for name in ("_matvec", "_onednn_linear"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
     weight = torch.randn(1024, 512)
 
     with torch.inference_mode():
-        kernels.linear(torch.randn(1, 512), weight)  # a matrix-vector product: oneDNN
+        kernels.linear(torch.randn(1, 512), weight)  # a matrix-vector product
+        kernels.linear(torch.randn(1, 20, 512), weight)  # a few rows
         kernels.linear(torch.randn(600, 512), weight)  # a wide product: MKL
         kernels.linear(torch.randn(1, 512), weight.T.contiguous().T)  # strided: MKL
-    assert len(calls) == 1
+        kernels.linear(torch.randn(1, 512), torch.randn(64, 512))  # a small matrix: MKL
+    has_c = kernels._matvec_kernel() is not None
+    expected = (["_matvec"] if has_c else ["_onednn_linear"] if kernels.use_onednn else [])
+    expected += ["_onednn_linear"] if kernels.use_onednn else []
+    assert calls == expected
+
+
+def test_the_c_loop_builds_where_a_compiler_is():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert kernels._matvec_kernel() is not None
 
 
 def test_training_keeps_autograd():

@@ -4,9 +4,7 @@
  * Why C: PyTorch's CPU attention kernels take contiguous keys, so reading the pool through a
  * block table in PyTorch means copying every sequence's keys and values out first (on the
  * GPT-2-shaped serving benchmark that copy cost more than the attention itself), and compiled
- * FlexAttention's CPU template in torch 2.13 miscompiles some block-mask shapes. This file is
- * built by paged_attention.py with the system's C compiler and called through ctypes; it
- * includes no PyTorch header, so the build takes about a second.
+ * FlexAttention's CPU template in torch 2.13 miscompiles some block-mask shapes.
  *
  * Layout (fp32, row-major):
  *   q       query token t, head h, dim d at q[t * q_token_stride + h * q_head_stride + d]
@@ -18,28 +16,16 @@
  *   out     [n_tokens][n_heads][head_dim]
  *
  * One work item is one query token and one kv head: the heads that share that kv head (GQA)
- * are done together, so their keys are read from memory once. Items are handed out to threads
- * by an atomic counter, because a long sequence's items take far longer than a short one's.
+ * are done together, so their keys come from memory once. Items are handed out one at a time
+ * (dynamic schedule), because a long sequence's items take far longer than a short one's.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_HEAD_DIM 512
 #define MAX_BLOCK 1024
-#define MAX_THREADS 256
-
-typedef struct {
-    const float *q, *k, *v;
-    const int32_t *tables, *token_table, *n_keys;
-    float *out;
-    int64_t n_tokens, q_token_stride, q_head_stride, n_slots;
-    int n_heads, n_kv_heads, head_dim, block_size, table_width;
-    float scale;
-    int64_t next_item; /* shared work counter */
-} Job;
 
 static float dot(const float *a, const float *b, int n) {
     float sum = 0.0f;
@@ -50,9 +36,8 @@ static float dot(const float *a, const float *b, int n) {
 /* Online softmax (Milakov and Gimelshein, 2018): a running maximum m and normalizer l, so the
  * weighted sum of values is built in one pass over the keys, block by block, with no buffer
  * as long as the sequence. */
-static void attend_head(const Job *job, const float *q, const float *k, const float *v,
-                        const int32_t *table, int n_keys, float *out) {
-    const int hd = job->head_dim, bs = job->block_size;
+static void attend_head(const float *q, const float *k, const float *v, const int32_t *table,
+                        int n_keys, int hd, int bs, float scale, float *out) {
     float acc[MAX_HEAD_DIM], scores[MAX_BLOCK];
     float m = -INFINITY, l = 0.0f;
     memset(acc, 0, sizeof(float) * hd);
@@ -75,7 +60,7 @@ static void attend_head(const Job *job, const float *q, const float *k, const fl
 
         float block_max = -INFINITY;
         for (int i = 0; i < count; i++) {
-            scores[i] = dot(q, kb + (int64_t)i * hd, hd) * job->scale;
+            scores[i] = dot(q, kb + (int64_t)i * hd, hd) * scale;
             if (scores[i] > block_max) block_max = scores[i];
         }
 
@@ -98,52 +83,28 @@ static void attend_head(const Job *job, const float *q, const float *k, const fl
     for (int d = 0; d < hd; d++) out[d] = acc[d] * inv;
 }
 
-static void *worker(void *arg) {
-    Job *job = (Job *)arg;
-    const int group = job->n_heads / job->n_kv_heads;
-    const int64_t n_items = job->n_tokens * job->n_kv_heads;
-    const int64_t head_stride = job->n_slots * job->head_dim;
-
-    for (;;) {
-        const int64_t item = __atomic_fetch_add(&job->next_item, 1, __ATOMIC_RELAXED);
-        if (item >= n_items) break;
-        const int64_t t = item / job->n_kv_heads;
-        const int g = (int)(item % job->n_kv_heads);
-        const int32_t *table = job->tables + (int64_t)job->token_table[t] * job->table_width;
-        const float *k = job->k + g * head_stride, *v = job->v + g * head_stride;
-
-        for (int j = 0; j < group; j++) {
-            const int h = g * group + j;
-            attend_head(job, job->q + t * job->q_token_stride + h * job->q_head_stride, k, v,
-                        table, job->n_keys[t],
-                        job->out + (t * job->n_heads + h) * job->head_dim);
-        }
-    }
-    return NULL;
-}
-
 /* Returns 0, or -1 when head_dim or block_size is beyond this file's fixed buffers (the
  * caller checks those first and takes another path). */
 int kvgen_paged_attention(const float *q, int64_t q_token_stride, int64_t q_head_stride,
                           const float *k, const float *v, int64_t n_slots,
                           const int32_t *tables, int table_width, const int32_t *token_table,
                           const int32_t *n_keys, float *out, int64_t n_tokens, int n_heads,
-                          int n_kv_heads, int head_dim, int block_size, float scale,
-                          int n_threads) {
+                          int n_kv_heads, int head_dim, int block_size, float scale) {
     if (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK) return -1;
-    Job job = {q, k, v, tables, token_table, n_keys, out, n_tokens, q_token_stride,
-               q_head_stride, n_slots, n_heads, n_kv_heads, head_dim, block_size, table_width,
-               scale, 0};
+    const int group = n_heads / n_kv_heads;
+    const int64_t head_stride = n_slots * head_dim;
 
-    const int64_t n_items = n_tokens * n_kv_heads;
-    if (n_threads > n_items) n_threads = (int)n_items;
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
-    pthread_t threads[MAX_THREADS];
-    int started = 0;
-    for (int i = 1; i < n_threads; i++) {  /* the calling thread is worker 0 */
-        if (pthread_create(&threads[started], NULL, worker, &job) == 0) started++;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t item = 0; item < n_tokens * n_kv_heads; item++) {
+        const int64_t t = item / n_kv_heads;
+        const int g = (int)(item % n_kv_heads);
+        const int32_t *table = tables + (int64_t)token_table[t] * table_width;
+        for (int j = 0; j < group; j++) {
+            const int h = g * group + j;
+            attend_head(q + t * q_token_stride + h * q_head_stride, k + g * head_stride,
+                        v + g * head_stride, table, n_keys[t], head_dim, block_size, scale,
+                        out + (t * n_heads + h) * head_dim);
+        }
     }
-    worker(&job);
-    for (int i = 0; i < started; i++) pthread_join(threads[i], NULL);
     return 0;
 }
