@@ -76,6 +76,12 @@ def _matvec_kernel():
 use_matvec = True  # a switch for comparing routes
 
 
+@torch.compiler.assume_constant_result
+def _matvec_available() -> bool:
+    """Return whether the C loop is built (torch.compile asks once and keeps the answer)."""
+    return _matvec_kernel() is not None
+
+
 def _matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Return x @ weight.T + bias by the C loop (all fp32 and contiguous)."""
     n_out, n_in = weight.shape
@@ -85,16 +91,29 @@ def _matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return y
 
 
+@torch.library.custom_op("kvgen::matvec", mutates_args=())
+def _matvec_opaque(x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """The C loop as an op torch.compile calls as it is (eager code calls _matvec directly:
+    a custom op's dispatch costs more than the loop on a small matrix)."""
+    return _matvec(x.contiguous(), weight, bias)
+
+
+@_matvec_opaque.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Return x @ weight.T + bias, as F.linear does, by the faster route for x's shape."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.is_contiguous() and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
             and not torch.is_grad_enabled()):  # neither route below has a backward
         rows = x.numel() // x.shape[-1]
-        # Not under torch.compile, which keeps the oneDNN op (not yet measured there).
-        if (use_matvec and rows <= MATVEC_MAX_ROWS and not torch.compiler.is_compiling()
-                and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-                and _matvec_kernel() is not None):
+        if (use_matvec and rows <= MATVEC_MAX_ROWS and _matvec_available()
+                and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))):
+            if torch.compiler.is_compiling():
+                return _matvec_opaque(x, weight, bias)
             return _matvec(x.contiguous(), weight, bias)
         if use_onednn and rows <= ONEDNN_MAX_ROWS:
             if torch.compiler.is_compiling():

@@ -66,3 +66,16 @@ def test_gelu_tanh_matches_pytorch(shape):
     with torch.inference_mode():
         torch.testing.assert_close(kernels.gelu_tanh(x), F.gelu(x, approximate="tanh"),
                                    rtol=1e-5, atol=2e-6)
+
+
+def test_the_few_row_routes_under_torch_compile():
+    """Under torch.compile both routes are opaque ops; the result is still F.linear's."""
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    weight, bias = torch.randn(1024, 512) / 512 ** 0.5, torch.randn(1024)
+    compiled = torch.compile(kernels.linear, fullgraph=True)
+    with torch.inference_mode():
+        for rows in (1, kernels.MATVEC_MAX_ROWS + 1):
+            x = torch.randn(rows, 512)
+            torch.testing.assert_close(compiled(x, weight, bias), F.linear(x, weight, bias),
+                                       rtol=1e-5, atol=1e-5)
