@@ -9,8 +9,6 @@ one to a few rows. For many rows, a prefill of hundreds of tokens, the product i
 arithmetic and MKL's gemm is the faster one. benchmarks/matvec_routes.py measures the routes.
 """
 
-import ctypes
-import functools
 import math
 
 import torch
@@ -60,17 +58,10 @@ def _(x, weight, bias):
 MATVEC_MAX_ROWS = 4
 
 
-@functools.cache
 def _matvec_kernel():
     """Return the C loop's ctypes function, or None where it cannot be built."""
-    library = native.load("matvec")
-    if library is None:
-        return None
-    fn = library.kvgen_matvec
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, ctypes.c_int, i64, ptr, ptr, ptr, i64]
-    fn.restype = None
-    return fn
+    P, I64 = native.POINTER, native.INT64
+    return native.function("matvec", "kvgen_matvec", (P, native.INT, I64, P, P, P, I64))
 
 
 use_matvec = True  # a switch for comparing routes

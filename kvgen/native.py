@@ -17,6 +17,7 @@ their PyTorch route.
 """
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -101,3 +102,20 @@ def load(name: str):
                             "takes its place: %s", name, getattr(e, "stderr", "") or e)
                 _loaded[name] = False
     return _loaded[name] or None
+
+
+# Argument types for function(): pointers are passed as tensor.data_ptr() integers.
+POINTER, INT, INT64, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+
+@functools.cache
+def function(name: str, symbol: str, argtypes: tuple, restype=None):
+    """Return csrc/{name}.c's function `symbol` with its C signature declared, or None where
+    the file cannot be built."""
+    library = load(name)
+    if library is None:
+        return None
+    fn = getattr(library, symbol)
+    fn.argtypes, fn.restype = list(argtypes), restype
+    return fn
+

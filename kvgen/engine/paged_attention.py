@@ -5,9 +5,6 @@ Where it cannot run (no C compiler, a pool that is not fp32 on the CPU) the engi
 to gathering each row's keys into a contiguous copy (PagedBatchView).
 """
 
-import ctypes
-import functools
-
 import torch
 
 from .. import native
@@ -15,18 +12,12 @@ from .. import native
 _MAX_HEAD_DIM, _MAX_BLOCK = 512, 1024  # the C file's fixed buffers
 
 
-@functools.cache
 def _kernel():
     """Return the kernel's ctypes function, or None where it cannot be built here."""
-    library = native.load("paged_attention")
-    if library is None:
-        return None
-    fn = library.kvgen_paged_attention
-    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32, ptr, ptr, ptr, i64, i32, i32, i32,
-                   i32, ctypes.c_float]
-    fn.restype = i32
-    return fn
+    P, I, I64 = native.POINTER, native.INT, native.INT64
+    return native.function("paged_attention", "kvgen_paged_attention",
+                           (P, I64, I64, P, P, I64, P, I, P, P, P, I64, I, I, I, I,
+                            native.FLOAT), native.INT)
 
 
 def supports(dtype: torch.dtype, device, head_dim: int, block_size: int) -> bool:
