@@ -88,7 +88,7 @@ def time_to_first_token(engine, prompt) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller run, about a minute")
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-one-at-a-time", action="store_true",

@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_engine_options(group):
     """Add the serving engine's options, which generate --prompts-file and serve share."""
-    group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    group.add_argument("--block-size", type=int, help="tokens per KV-cache block (default 16)")
     group.add_argument("--kv-cache-memory", help="KV-cache pool size: 2GiB, 512MB, or bytes")
     group.add_argument("--num-blocks", type=int, help="KV-cache pool size in blocks")
     group.add_argument("--max-prefill-tokens", type=int,
@@ -164,8 +164,25 @@ def _add_engine_options(group):
                        help="do not reuse the cached blocks of shared prompt prefixes")
 
 
+def _engine_kwargs(args) -> dict:
+    """Return Engine's keywords from the engine options."""
+    return dict(block_size=16 if args.block_size is None else args.block_size,
+                num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
+                enable_prefix_caching=not args.no_prefix_caching,
+                max_prefill_tokens=args.max_prefill_tokens)
+
+
 def _generate(args) -> int:
     from .llm import load
+
+    if not args.prompts_file:  # fail before loading: these would be silently unused
+        given = [f"--{name.replace('_', '-')}" for name in
+                 ("block_size", "kv_cache_memory", "num_blocks", "max_prefill_tokens")
+                 if getattr(args, name) is not None]
+        given += ["--no-prefix-caching"] if args.no_prefix_caching else []
+        if given:
+            raise KvgenError(f"{', '.join(given)}: serving-engine options, which generate "
+                             f"uses only with --prompts-file")
 
     llm = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
                download=args.download)
@@ -219,10 +236,7 @@ def _generate_many(llm, args, options) -> int:
     if options.pop("use_cache") is False:
         raise KvgenError("--no-cache does not apply to --prompts-file: the engine runs on its "
                          "paged cache")
-    engine = Engine(llm, block_size=args.block_size, num_blocks=args.num_blocks,
-                    kv_cache_memory=args.kv_cache_memory,
-                    enable_prefix_caching=not args.no_prefix_caching,
-                    max_prefill_tokens=args.max_prefill_tokens)
+    engine = Engine(llm, **_engine_kwargs(args))
     start = time.perf_counter()
     results = engine.generate(prompts, progress=True, **options)
     seconds = time.perf_counter() - start
@@ -256,10 +270,7 @@ def _serve(args) -> int:
     llm = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
                download=args.download)
     _set_threads(args.threads, llm)
-    engine = Engine(llm, block_size=args.block_size, num_blocks=args.num_blocks,
-                    kv_cache_memory=args.kv_cache_memory,
-                    enable_prefix_caching=not args.no_prefix_caching,
-                    max_prefill_tokens=args.max_prefill_tokens, max_num_seqs=args.max_num_seqs)
+    engine = Engine(llm, **_engine_kwargs(args), max_num_seqs=args.max_num_seqs)
     # A hub id is served under that id, not the name of its snapshot folder (a hash).
     name = args.served_model_name or (
         args.model if args.model and not Path(args.model).exists() else

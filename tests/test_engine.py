@@ -280,6 +280,8 @@ def test_pool_sizing_and_errors(stories_llm):
         Engine(stories_llm, num_blocks=4, kv_cache_memory="1MiB")
     with pytest.raises(KvgenError, match="block_size"):
         Engine(stories_llm, block_size=0)
+    with pytest.raises(KvgenError, match="block_size 5000 is longer than the model's context"):
+        Engine(stories_llm, block_size=5000)
     engine = Engine(stories_llm, block_size=4, num_blocks=3)
     with pytest.raises(KvgenError, match="needs 4 blocks"):
         engine.add_request(_ids(10, 1), max_new_tokens=4)
@@ -320,3 +322,8 @@ def test_cli_prompts_file(tmp_path, capsys, stories_llm):
     assert main(["generate", "--model", str(STORIES), "--prompts-file",
                  str(tmp_path / "bad.jsonl")]) == 1
     assert "unknown key 'tempreature'" in capsys.readouterr().err
+    # Engine options without --prompts-file would go unused: one error, before loading.
+    assert main(["generate", "--model", str(STORIES), "--prompt", "a", "--block-size", "0",
+                 "--no-prefix-caching"]) == 1
+    assert "--block-size, --no-prefix-caching: serving-engine options" in \
+        capsys.readouterr().err

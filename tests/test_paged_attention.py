@@ -59,3 +59,13 @@ def test_unsupported_pools_take_the_gather_path():
     assert not paged_attention.supports(torch.float16, "cpu", 64, 16)
     assert not paged_attention.supports(torch.float32, "cpu", 1024, 16)
     assert not paged_attention.supports(torch.float32, "cpu", 64, 4096)
+
+
+def test_calling_the_kernel_where_it_is_not_built_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(paged_attention, "_kernel", lambda: None)
+    with pytest.raises(RuntimeError, match="not built here"):
+        paged_attention.paged_attention(
+            torch.zeros(1, 2, 8), torch.zeros(2, 4, 8), torch.zeros(2, 4, 8),
+            torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+            torch.ones(1, dtype=torch.int32), 4)
+

@@ -47,6 +47,9 @@ class Engine:
                              f"model's window is {cfg.sliding_window}); use llm.generate")
         self.llm = llm
         block_size = _positive_int("block_size", block_size)
+        if block_size > cfg.max_seq_len:
+            raise KvgenError(f"block_size {block_size} is longer than the model's context "
+                             f"({cfg.max_seq_len} tokens): no sequence could fill one block")
         _positive_int("max_prefill_tokens", max_prefill_tokens, allow_none=True)
         _positive_int("max_num_seqs", max_num_seqs)
         dtype = llm.model.embed.weight.dtype

@@ -51,10 +51,14 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     assert tables.is_contiguous() and token_table.is_contiguous() and n_keys.is_contiguous()
     assert len(token_table) == len(n_keys) == n_tokens and n_heads % n_kv_heads == 0
 
-    status = _kernel()(q.data_ptr(), q.stride(0), q.stride(1), k_pool.data_ptr(),
-                       v_pool.data_ptr(), n_slots, tables.data_ptr(), tables.shape[1],
-                       token_table.data_ptr(), n_keys.data_ptr(), out.data_ptr(), n_tokens,
-                       n_heads, n_kv_heads, head_dim, block_size, head_dim ** -0.5)
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("the paged-attention kernel is not built here (no working C "
+                           "compiler; see kvgen.native's warning): use the gathered-copy path")
+    status = kernel(q.data_ptr(), q.stride(0), q.stride(1), k_pool.data_ptr(), v_pool.data_ptr(),
+                    n_slots, tables.data_ptr(), tables.shape[1], token_table.data_ptr(),
+                    n_keys.data_ptr(), out.data_ptr(), n_tokens, n_heads, n_kv_heads, head_dim,
+                    block_size, head_dim ** -0.5)
     if status != 0:
         raise ValueError(f"paged attention kernel refused head_dim {head_dim} or block_size "
                          f"{block_size} (at most {_MAX_HEAD_DIM} and {_MAX_BLOCK})")
