@@ -9,6 +9,7 @@ one to a few rows. For many rows, a prefill of hundreds of tokens, the product i
 arithmetic and MKL's gemm is the faster one. benchmarks/matvec_routes.py measures the routes.
 """
 
+import functools
 import math
 
 import torch
@@ -58,6 +59,7 @@ def _(x, weight, bias):
 MATVEC_MAX_ROWS = 4
 
 
+@functools.cache  # called on every projection of a decode step
 def _matvec_kernel():
     """Return the C loop's ctypes function, or None where it cannot be built."""
     P, I64 = native.POINTER, native.INT64

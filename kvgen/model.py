@@ -185,8 +185,8 @@ class Transformer(nn.Module):
         cache the keys are the t tokens; with one, the tokens' keys and values go to slots
         start..start+t-1 and the queries attend to what cache.update returns (see
         cache.key_slots for which slots those are); a cache that attends_in_place takes the
-        queries too and returns the attention output itself. logits_at [k] picks the tokens along t
-        whose logits are wanted (logits [b, k, vocab]); last_only is logits_at=[t - 1].
+        queries too and returns the attention output itself. logits_at [k] picks the tokens
+        along t whose logits are wanted (logits [b, k, vocab]); last_only is logits_at=[t - 1].
         """
         if causal and (mask is not None or start != 0):
             raise ValueError("causal=True takes no mask and starts at slot 0")

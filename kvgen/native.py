@@ -118,4 +118,3 @@ def function(name: str, symbol: str, argtypes: tuple, restype=None):
     fn = getattr(library, symbol)
     fn.argtypes, fn.restype = list(argtypes), restype
     return fn
-

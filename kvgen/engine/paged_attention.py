@@ -5,6 +5,8 @@ Where it cannot run (no C compiler, a pool that is not fp32 on the CPU) the engi
 to gathering each row's keys into a contiguous copy (PagedBatchView).
 """
 
+import functools
+
 import torch
 
 from .. import native
@@ -12,6 +14,7 @@ from .. import native
 _MAX_HEAD_DIM, _MAX_BLOCK = 512, 1024  # the C file's fixed buffers
 
 
+@functools.cache
 def _kernel():
     """Return the kernel's ctypes function, or None where it cannot be built here."""
     P, I, I64 = native.POINTER, native.INT, native.INT64

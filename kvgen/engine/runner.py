@@ -128,13 +128,14 @@ class ModelRunner:
         singles = [i for i, (_, n) in enumerate(batch) if n == 1]
         pieces = [i for i, (_, n) in enumerate(batch) if n > 1]
 
-        tokens, positions, last, prompts = [], [], [0] * len(batch), []
+        tokens, positions, token_table, last, prompts = [], [], [], [0] * len(batch), []
         for i in singles + pieces:
             seq, n = batch[i]
             start = seq.num_computed
             offset = len(tokens)
             tokens += seq.token_ids[start:start + n]
             positions += range(start, start + n)
+            token_table += [i] * n
             last[i] = len(tokens) - 1
             if n > 1:
                 key_slots = mask = None
@@ -145,8 +146,7 @@ class ModelRunner:
                 prompts.append(PromptPiece(offset, n, start, key_slots, mask))
 
         positions = torch.tensor(positions, device=dev)  # [n_tokens]
-        token_table = torch.tensor(singles + [i for i in pieces for _ in range(batch[i][1])],
-                                   dtype=torch.int32, device=dev)
+        token_table = torch.tensor(token_table, dtype=torch.int32, device=dev)
         write_slots = tables[token_table.long(), positions // bs].long() * bs + positions % bs
         single_positions = positions[:len(singles)]
         view = PagedInPlaceView(self.cache, write_slots, tables, token_table[:len(singles)],
