@@ -32,6 +32,8 @@ SHAPES = {
     "tiny": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=256),
 }
 
+UNCACHED_WARMUP_TOKENS = 8
+
 
 @dataclass
 class Run:
@@ -137,15 +139,16 @@ def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int
         hf, notes = _transformers_model(folder)
         machine = hardware.measure()
 
-        runners = {"kvgen cache": lambda p: _run_kvgen(llm, p, new_tokens, True),
-                   "kvgen no-cache": lambda p: _run_kvgen(llm, p, new_tokens, False)}
+        # Each runner takes (prompts, new tokens).
+        runners = {"kvgen cache": lambda p, n: _run_kvgen(llm, p, n, True),
+                   "kvgen no-cache": lambda p, n: _run_kvgen(llm, p, n, False)}
         if compile or "kvgen cache compiled" in (engines or []):
             compiled = LLM(llm.model, None, stop_token_ids=set(), source=llm.source)
             compiled.compile_decode()
-            runners["kvgen cache compiled"] = lambda p: _run_kvgen(compiled, p, new_tokens, True)
+            runners["kvgen cache compiled"] = lambda p, n: _run_kvgen(compiled, p, n, True)
         if hf is not None:
-            runners["transformers cache"] = lambda p: _run_hf(hf, p, new_tokens, True)
-            runners["transformers no-cache"] = lambda p: _run_hf(hf, p, new_tokens, False)
+            runners["transformers cache"] = lambda p, n: _run_hf(hf, p, n, True)
+            runners["transformers no-cache"] = lambda p, n: _run_hf(hf, p, n, False)
         if engines:
             unknown = set(engines) - set(runners)
             if unknown:
@@ -161,9 +164,14 @@ def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int
             for name, runner in runners.items():
                 if progress:
                     progress(f"{name}, batch {batch}: warm-up")
-                # First-call allocations (and compilation) are reported apart.
+                # First-call allocations (and compilation) are reported apart. A cached engine
+                # warms up over every decode position (a compiled step may specialise on the
+                # first few); an uncached one has nothing to compile and each of its steps is
+                # a new shape anyway, so a few steps do (a full one took 10 minutes at batch 16).
                 warmup_start = time.perf_counter()
-                runner(prompts[:, :2])
+                warmup_tokens = new_tokens if "no-cache" not in name else min(
+                    new_tokens, UNCACHED_WARMUP_TOKENS)
+                runner(prompts[:, :2], warmup_tokens)
                 warmup_s[name] = time.perf_counter() - warmup_start
             # Repeats go round the engines in turn, so that a slow spell of a shared machine
             # falls on all of them rather than on whichever ran then.
@@ -172,7 +180,7 @@ def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int
                 for name, runner in runners.items():
                     if progress:
                         progress(f"{name}, batch {batch}: run {repeat + 1} of {repeats}")
-                    measured[name].append(runner(prompts))
+                    measured[name].append(runner(prompts, new_tokens))
             for name, batch_runs in measured.items():
                 runs.append(_median_run(name, batch, batch_runs))
                 runs[-1].warmup_s = warmup_s[name]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import paged_attention
 from .config import ModelConfig
 from .kernels import Linear, gelu_tanh, linear
 
@@ -108,6 +109,10 @@ class Attention(nn.Module):
 
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # now [b, n_kv_heads, n_keys, head_dim]
+            if t == 1 and mask is None:  # a decode step that sees every cached key
+                out = paged_attention.decode_attention(q, k, v)
+                if out is not None:
+                    return self.wo(out.view(b, t, self.n_heads * self.head_dim))
 
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,

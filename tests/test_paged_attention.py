@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvgen.engine import paged_attention
+from kvgen import paged_attention
 
 needs_kernel = pytest.mark.skipif(
     not paged_attention.supports(torch.float32, "cpu", 64, 16),
@@ -69,3 +69,37 @@ def test_calling_the_kernel_where_it_is_not_built_is_one_clear_error(monkeypatch
             torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
             torch.ones(1, dtype=torch.int32), 4)
 
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,slots,n_keys",
+                         [(12, 12, 64, 40, 40), (8, 2, 16, 37, 20), (4, 1, 8, 2048, 1500),
+                          (6, 3, 32, 1, 1)])
+def test_decode_attention_equals_sdpa_on_a_contiguous_cache(n_heads, n_kv_heads, head_dim,
+                                                            slots, n_keys):
+    torch.manual_seed(0)
+    batch = 3
+    cache_k = torch.randn(batch, n_kv_heads, slots, head_dim)
+    cache_v = torch.randn(batch, n_kv_heads, slots, head_dim)
+    k, v = cache_k[:, :, :n_keys], cache_v[:, :, :n_keys]  # as KVCache.update returns them
+    # Queries strided as the model's: heads of a transposed fused projection.
+    q = torch.randn(batch, 1, n_heads + 2 * n_kv_heads, head_dim).transpose(1, 2)[:, :n_heads]
+
+    with torch.inference_mode():
+        out = paged_attention.decode_attention(q, k, v)
+        expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)[:, :, 0]
+
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_declines_what_the_kernel_does_not_take():
+    q = torch.randn(2, 4, 1, 8)
+    k = v = torch.randn(2, 4, 10, 8)
+    with torch.inference_mode():
+        assert paged_attention.decode_attention(q.half(), k.half(), v.half()) is None
+        assert paged_attention.decode_attention(torch.randn(2, 4, 2, 8), k, v) is None  # 2 queries
+        assert paged_attention.decode_attention(q, k[:, :, ::2], v[:, :, ::2]) is None  # strided
+        # Slots per row without a power-of-two factor of 64 past the kernel's longest block.
+        odd = torch.randn(2, 4, 1025, 8)
+        assert paged_attention.decode_attention(q, odd, odd) is None
+    assert paged_attention.decode_attention(q, k, v) is None  # autograd on: no backward in C

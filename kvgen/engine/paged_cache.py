@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import paged_attention
+from .. import paged_attention
 from ..config import ModelConfig
 from ..errors import KvgenError
 from ..hardware import parse_bytes

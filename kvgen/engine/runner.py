@@ -19,7 +19,7 @@ import torch
 
 from ..generate import PAD_ID
 from ..model import Transformer
-from . import paged_attention
+from .. import paged_attention
 from .paged_cache import PagedBatchView, PagedInPlaceView, PagedKVCache, PromptPiece
 from .sequence import Sequence
 
