@@ -13,9 +13,10 @@ from kvgen import kernels
                                   kernels.ONEDNN_MAX_ROWS])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("out_features", [1024, 1027])  # 1027: the C loop's last outputs
-def test_few_row_routes_match_f_linear(rows, with_bias, out_features):
+# 2048 wide, more than one row: the C loop walks four weight rows side by side, else one.
+@pytest.mark.parametrize("in_features", [512, 2048])
+def test_few_row_routes_match_f_linear(rows, with_bias, out_features, in_features):
     """Shapes that take the C loop or oneDNN (the others are F.linear itself)."""
-    in_features = 512
     torch.manual_seed(rows)
     weight = torch.randn(out_features, in_features) / in_features ** 0.5
     bias = torch.randn(out_features) if with_bias else None
