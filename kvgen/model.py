@@ -109,11 +109,8 @@ class Attention(nn.Module):
 
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # now [b, n_kv_heads, n_keys, head_dim]
-            # A decode step that sees every cached key goes through the C kernel. Not yet a
-            # left-padded batch or a sliding window: their mask hides keys at the start of a
-            # row, and the kernel reads each row's keys from its first.
-            if t == 1 and mask is None:
-                out = paged_attention.decode_attention(q, k, v)
+            if t == 1:  # a decode step: the C kernel, unless its mask is not left padding
+                out = paged_attention.decode_attention(q, k, v, mask)
                 if out is not None:
                     return self.wo(out.view(b, t, self.n_heads * self.head_dim))
 

@@ -23,7 +23,7 @@ def _kernel():
     """Return the kernel's ctypes function, or None where it cannot be built here."""
     P, I, I64 = native.POINTER, native.INT, native.INT64
     return native.function("paged_attention", "kvgen_paged_attention",
-                           (P, I64, I64, P, P, I64, P, I, P, P, P, I64, I, I, I, I,
+                           (P, I64, I64, P, P, I64, P, I, P, P, P, P, I64, I, I, I, I,
                             native.FLOAT), native.INT)
 
 
@@ -62,7 +62,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     return out
 
 
-def _call(q, k, v, n_slots, tables, token_table, n_keys, out, n_kv_heads, block_size):
+def _call(q, k, v, n_slots, tables, token_table, n_keys, out, n_kv_heads, block_size,
+          first_key=None):
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the paged-attention kernel is not built here (no working C "
@@ -70,8 +71,9 @@ def _call(q, k, v, n_slots, tables, token_table, n_keys, out, n_kv_heads, block_
     n_tokens, n_heads, head_dim = out.shape
     status = kernel(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
                     n_slots, tables.data_ptr(), tables.shape[1], token_table.data_ptr(),
-                    n_keys.data_ptr(), out.data_ptr(), n_tokens, n_heads, n_kv_heads, head_dim,
-                    block_size, head_dim ** -0.5)
+                    n_keys.data_ptr(), None if first_key is None else first_key.data_ptr(),
+                    out.data_ptr(), n_tokens, n_heads, n_kv_heads, head_dim, block_size,
+                    head_dim ** -0.5)
     if status != 0:
         raise ValueError(f"paged attention kernel refused head_dim {head_dim} or block_size "
                          f"{block_size} (at most {_MAX_HEAD_DIM} and {_MAX_BLOCK})")
@@ -104,16 +106,22 @@ def _cache_block_size(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int 
     return block_size if block_size >= 64 and _kernel() is not None else None
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """Return attention outputs [b, n_heads, head_dim] of one query per row, q [b, n_heads, 1,
-    head_dim], over all keys and values of its row, k and v [b, n_kv_heads, n_keys, head_dim]
+    head_dim], over the keys and values of its row, k and v [b, n_kv_heads, n_keys, head_dim]
     (views of a contiguous cache's slots); or None where the kernel does not take them.
 
-    What scaled_dot_product_attention(q, k, v, enable_gqa=True) gives without a mask, without
-    copying k and v: on GPT-2's shape at batch 16 the cache streams at twice the rate.
+    What scaled_dot_product_attention(q, k, v, mask, enable_gqa=True) gives, without copying
+    k and v: on GPT-2's shape at batch 16 the cache streams at twice the rate. mask [b, 1, 1,
+    n_keys], if given, must hide only a run of keys at the start of each row (left padding, a
+    window behind the query); other masks get None.
     """
     block_size = _cache_block_size(q, k, v) if use_for_decode else None
     if block_size is None or _kernel() is None:
+        return None
+    first_key = None if mask is None else _first_visible_key(mask, k.shape[2])
+    if mask is not None and first_key is None:
         return None
 
     b, n_heads, _, head_dim = q.shape
@@ -125,8 +133,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
                                                   n_keys)
     out = torch.empty(b, n_heads, head_dim, dtype=q.dtype)
     _call(q[:, :, 0], k, v, slots_per_row, tables, token_table, key_counts, out, n_kv_heads,
-          block_size)
+          block_size, first_key)
     return out
+
+
+def _first_visible_key(mask: torch.Tensor, n_keys: int) -> torch.Tensor | None:
+    """Return each row's first visible key (int32 [b]) for a mask [b, 1, 1, n_keys] that shows
+    every key from there on, or None for any other mask."""
+    if mask.dtype != torch.bool or mask.shape[1:] != (1, 1, n_keys):
+        return None
+    visible = mask[:, 0, 0]
+    first_key = n_keys - visible.sum(-1, dtype=torch.int32)
+    # A suffix exactly when the first visible key (argmax: the first True) is n_keys - count.
+    if not bool((visible.to(torch.uint8).argmax(-1) == first_key).all()):
+        return None
+    return first_key
 
 
 @functools.lru_cache(maxsize=8)  # the same for every layer of a decode step

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kvgen import paged_attention
+from kvgen.model import attention_mask
 
 needs_kernel = pytest.mark.skipif(
     not paged_attention.supports(torch.float32, "cpu", 64, 16),
@@ -92,6 +93,27 @@ def test_decode_attention_equals_sdpa_on_a_contiguous_cache(n_heads, n_kv_heads,
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (6, 2)])
+def test_decode_attention_takes_left_padding(n_heads, n_kv_heads):
+    """Rows whose first keys are padding: the kernel starts each row at its first real key."""
+    torch.manual_seed(1)
+    head_dim, slots, n_keys = 16, 50, 37
+    pad = torch.tensor([0, 5, 36, 16])  # 36: only the query's own key is visible
+    cache_k = torch.randn(len(pad), n_kv_heads, slots, head_dim)
+    cache_v = torch.randn(len(pad), n_kv_heads, slots, head_dim)
+    k, v = cache_k[:, :, :n_keys], cache_v[:, :, :n_keys]
+    q = torch.randn(len(pad), n_heads, 1, head_dim)
+    mask = attention_mask(pad, n_keys - 1, 1)  # [b, 1, 1, n_keys], as generate builds it
+
+    with torch.inference_mode():
+        out = paged_attention.decode_attention(q, k, v, mask)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                  enable_gqa=True)[:, :, 0]
+
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_attention_declines_what_the_kernel_does_not_take():
     q = torch.randn(2, 4, 1, 8)
     k = v = torch.randn(2, 4, 10, 8)
@@ -103,3 +125,7 @@ def test_decode_attention_declines_what_the_kernel_does_not_take():
         odd = torch.randn(2, 4, 1025, 8)
         assert paged_attention.decode_attention(q, odd, odd) is None
     assert paged_attention.decode_attention(q, k, v) is None  # autograd on: no backward in C
+    with torch.inference_mode():
+        holes = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+        holes[1, 0, 0, 4] = False  # a hidden key after a visible one: not left padding
+        assert paged_attention.decode_attention(q, k, v, holes) is None

@@ -13,6 +13,8 @@
  *   tables  [n_tables][table_width] block ids of each sequence
  *   token_table [n_tokens] which table row each query token reads
  *   n_keys  [n_tokens] how many keys (positions 0..n_keys-1) each query token attends to
+ *   first_key [n_tokens] or NULL: the first of them it sees (a left-padded row's first real
+ *           token); NULL is 0 for every token
  *   out     [n_tokens][n_heads][head_dim]
  *
  * One work item is one query token and one kv head: the heads that share that kv head (GQA)
@@ -36,15 +38,16 @@ static float dot(const float *a, const float *b, int n) {
  * weighted sum of values is built in one pass over the keys, block by block, with no buffer
  * as long as the sequence. */
 static void attend_head(const float *q, const float *k, const float *v, const int32_t *table,
-                        int n_keys, int hd, int bs, float scale, float *out) {
+                        int first_key, int n_keys, int hd, int bs, float scale, float *out) {
     float acc[MAX_HEAD_DIM], scores[MAX_BLOCK];
     float m = -INFINITY, l = 0.0f;
     memset(acc, 0, sizeof(float) * hd);
 
-    for (int first = 0; first < n_keys; first += bs) {
+    for (int first = first_key - first_key % bs; first < n_keys; first += bs) {
         const int64_t base = (int64_t)table[first / bs] * bs * hd;
         const float *kb = k + base, *vb = v + base;
         const int count = n_keys - first < bs ? n_keys - first : bs;
+        const int from = first_key > first ? first_key - first : 0;  /* within this block */
 
         /* Blocks lie anywhere in the pool, each in its own page, where the hardware
          * prefetcher does not follow: ask for the next block while this one is summed. */
@@ -58,7 +61,7 @@ static void attend_head(const float *q, const float *k, const float *v, const in
         }
 
         float block_max = -INFINITY;
-        for (int i = 0; i < count; i++) {
+        for (int i = from; i < count; i++) {
             scores[i] = dot(q, kb + (int64_t)i * hd, hd) * scale;
             if (scores[i] > block_max) block_max = scores[i];
         }
@@ -70,7 +73,7 @@ static void attend_head(const float *q, const float *k, const float *v, const in
             m = block_max;
         }
 
-        for (int i = 0; i < count; i++) {
+        for (int i = from; i < count; i++) {
             const float p = expf(scores[i] - m);
             const float *vi = vb + (int64_t)i * hd;
             l += p;
@@ -78,7 +81,7 @@ static void attend_head(const float *q, const float *k, const float *v, const in
         }
     }
 
-    const float inv = n_keys > 0 ? 1.0f / l : 0.0f;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  /* no keys: zeros, not NaN */
     for (int d = 0; d < hd; d++) out[d] = acc[d] * inv;
 }
 
@@ -87,7 +90,8 @@ static void attend_head(const float *q, const float *k, const float *v, const in
 int kvgen_paged_attention(const float *q, int64_t q_token_stride, int64_t q_head_stride,
                           const float *k, const float *v, int64_t n_slots,
                           const int32_t *tables, int table_width, const int32_t *token_table,
-                          const int32_t *n_keys, float *out, int64_t n_tokens, int n_heads,
+                          const int32_t *n_keys, const int32_t *first_key, float *out,
+                          int64_t n_tokens, int n_heads,
                           int n_kv_heads, int head_dim, int block_size, float scale) {
     if (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK) return -1;
     const int group = n_heads / n_kv_heads;
@@ -101,8 +105,8 @@ int kvgen_paged_attention(const float *q, int64_t q_token_stride, int64_t q_head
         for (int j = 0; j < group; j++) {
             const int h = g * group + j;
             attend_head(q + t * q_token_stride + h * q_head_stride, k + g * head_stride,
-                        v + g * head_stride, table, n_keys[t], head_dim, block_size, scale,
-                        out + (t * n_heads + h) * head_dim);
+                        v + g * head_stride, table, first_key ? first_key[t] : 0, n_keys[t],
+                        head_dim, block_size, scale, out + (t * n_heads + h) * head_dim);
         }
     }
     return 0;
