@@ -103,7 +103,7 @@ def _cache_block_size(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int 
     # A row longer than the kernel's score buffer is cut into blocks that divide it; an odd
     # length would make blocks of one key, slower than PyTorch's kernel.
     block_size = math.gcd(slots_per_row, _MAX_BLOCK)
-    return block_size if block_size >= 64 and _kernel() is not None else None
+    return block_size if block_size >= 64 else None
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -120,7 +120,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_size = _cache_block_size(q, k, v) if use_for_decode else None
     if block_size is None or _kernel() is None:
         return None
-    first_key = None if mask is None else _first_visible_key(mask, k.shape[2])
+    first_key = None if mask is None else _first_visible_key(mask, q.shape[0], k.shape[2])
     if mask is not None and first_key is None:
         return None
 
@@ -137,10 +137,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def _first_visible_key(mask: torch.Tensor, n_keys: int) -> torch.Tensor | None:
+def _first_visible_key(mask: torch.Tensor, b: int, n_keys: int) -> torch.Tensor | None:
     """Return each row's first visible key (int32 [b]) for a mask [b, 1, 1, n_keys] that shows
-    every key from there on, or None for any other mask."""
-    if mask.dtype != torch.bool or mask.shape[1:] != (1, 1, n_keys):
+    every key from there on, or None for any other mask (one that broadcasts, too: the kernel
+    reads b entries)."""
+    if mask.dtype != torch.bool or mask.shape != (b, 1, 1, n_keys):
         return None
     visible = mask[:, 0, 0]
     first_key = n_keys - visible.sum(-1, dtype=torch.int32)

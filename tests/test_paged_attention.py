@@ -129,3 +129,4 @@ def test_decode_attention_declines_what_the_kernel_does_not_take():
         holes = torch.ones(2, 1, 1, 10, dtype=torch.bool)
         holes[1, 0, 0, 4] = False  # a hidden key after a visible one: not left padding
         assert paged_attention.decode_attention(q, k, v, holes) is None
+        assert paged_attention.decode_attention(q, k, v, holes[:1]) is None  # broadcasts
