@@ -33,6 +33,8 @@ SHAPES = {
 }
 
 UNCACHED_WARMUP_TOKENS = 8
+ENGINES = ("kvgen cache", "kvgen no-cache", "kvgen cache compiled", "transformers cache",
+           "transformers no-cache")
 
 
 @dataclass
@@ -117,6 +119,9 @@ def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int
 
     if (model is None) == (shape is None):
         raise KvgenError("bench needs exactly one of a model path or --shape")
+    unknown = set(engines or []) - set(ENGINES)
+    if unknown:  # before loading anything
+        raise KvgenError(f"unknown engine(s) {sorted(unknown)}; known: {', '.join(ENGINES)}")
     for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens),
                         ("repeats", repeats), *(("batch", b) for b in batches)):
         if not isinstance(value, int) or value < 1:
@@ -152,8 +157,8 @@ def bench(model=None, *, shape: str | None = None, batches=(1,), prompt_len: int
         if engines:
             unknown = set(engines) - set(runners)
             if unknown:
-                raise KvgenError(f"unknown or unavailable engine(s) {sorted(unknown)}; "
-                                 f"available: {', '.join(runners)}")
+                raise KvgenError(f"unavailable engine(s) {sorted(unknown)} (is transformers "
+                                 f"installed?); available: {', '.join(runners)}")
             runners = {k: v for k, v in runners.items() if k in engines}
 
         runs, predictions = [], []

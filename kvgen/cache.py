@@ -1,6 +1,22 @@
 """The contiguous key/value cache: every layer's keys and values, preallocated for max_len slots."""
 
+import math
+
 import torch
+
+from .errors import KvgenError
+
+
+def allocate(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Return zeros of `shape` for a cache, or raise KvgenError naming the size when the memory
+    cannot be had (a mistyped budget such as 1000TB reaches here)."""
+    try:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        n_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KvgenError(f"cannot allocate {n_bytes:,} bytes for the KV cache "
+                         f"({list(shape)} {dtype} on {device}): {reason}") from None
 
 
 class KVCache:
@@ -14,8 +30,8 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype = torch.float32, device="cpu"):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         # One allocation each for K and V; layer l's view is [batch, n_kv_heads, max_len, head_dim].
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = allocate(shape, dtype, device)
+        self.v = allocate(shape, dtype, device)
         self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)  # views, made once
         self.max_len = max_len
 
@@ -62,8 +78,8 @@ class SlidingWindowCache:
     def __init__(self, *, n_layers: int, batch: int, n_kv_heads: int, window: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device="cpu"):
         shape = (n_layers, batch, n_kv_heads, window, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = allocate(shape, dtype, device)
+        self.v = allocate(shape, dtype, device)
         self.window = window
 
     @property

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from . import __version__
 from .errors import KvgenError
@@ -214,14 +215,26 @@ def _generate(args) -> int:
 SMALL_MODEL_PARAMS = 20_000_000
 
 
+# More threads than this per logical core only slow a run down; far more crash PyTorch's
+# OpenMP runtime (--threads 100000 ended in a segmentation fault).
+MAX_THREADS_PER_CORE = 4
+
+
+def check_threads(threads):
+    """Raise KvgenError unless threads is None or 1 .. MAX_THREADS_PER_CORE x logical cores."""
+    cores = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= MAX_THREADS_PER_CORE * cores:
+        raise KvgenError(f"--threads must be between 1 and {MAX_THREADS_PER_CORE * cores} "
+                         f"({MAX_THREADS_PER_CORE} per logical core here), got {threads}")
+
+
 def _set_threads(threads, llm):
     """Use `threads` CPU threads; by default one for a small model, whose per-token work is
     smaller than the cost of keeping a second thread in step (and a thread waiting for a core
     that another process holds stalls every step)."""
     import torch
 
-    if threads is not None and threads < 1:
-        raise KvgenError(f"--threads must be at least 1, got {threads}")
+    check_threads(threads)
     if threads is None and sum(p.numel() for p in llm.model.parameters()) < SMALL_MODEL_PARAMS:
         threads = 1
     if threads is not None:
@@ -254,8 +267,6 @@ def _generate_many(llm, args, options) -> int:
 
 
 def _serve(args) -> int:
-    from pathlib import Path
-
     import uvicorn
 
     from .engine import Engine
@@ -303,6 +314,13 @@ def _listen(host: str, port: int):
     return listening
 
 
+def check_plot_path(path):
+    """Raise KvgenError if a picture cannot be written at path (checked before the work)."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise KvgenError(f"--plot {path}: folder {folder} does not exist")
+
+
 def _bench(args) -> int:
     import json
 
@@ -310,9 +328,10 @@ def _bench(args) -> int:
 
     from .bench import bench, plot_report
 
+    check_threads(args.threads)
+    if args.plot:
+        check_plot_path(args.plot)
     if args.threads is not None:
-        if args.threads < 1:
-            raise KvgenError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     report = bench(args.model, shape=args.shape, batches=args.batch or [1],
                    prompt_len=args.prompt_len, new_tokens=args.new_tokens,
@@ -362,6 +381,7 @@ def _plan(args) -> int:
              memory=args.memory, hardware=args.hardware, measure=args.measure, tp=args.tp,
              block_size=args.block_size)
     if args.plot:
+        check_plot_path(args.plot)
         print(f"wrote {plot_plan(p, args.plot)}", file=sys.stderr)
     print(p.to_json() if args.json else "\n".join(_plan_lines(p)))
     return 0

@@ -120,3 +120,43 @@ def test_errors_do_not_touch_convert_output(capsys, stories_hf_dir):
     code, err = _run(capsys, "convert", str(STORIES / "stories260K.bin"), str(stories_hf_dir))
     _assert_one_line_error(code, err, "--overwrite")
     assert (stories_hf_dir / "model.safetensors").read_bytes() == before
+
+
+def test_absurd_thread_counts(capsys):
+    # 100000 threads used to reach PyTorch's OpenMP runtime and end in a segmentation fault.
+    for value in ("0", "100000"):
+        code, err = _run(capsys, *_gen(STORIES / "stories260K.bin", "--threads", value))
+        _assert_one_line_error(code, err, "--threads", value)
+
+
+def test_prompts_file_that_is_not_text(capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"\xff\xfeOnce upon a time\n")
+    code, err = _run(capsys, "generate", "--model", str(STORIES / "stories260K.bin"),
+                     "--prompts-file", str(prompts))
+    _assert_one_line_error(code, err, str(prompts), "not UTF-8", "0xff")
+
+
+def test_a_cache_that_cannot_be_allocated(capsys, monkeypatch, tmp_path):
+    """What a budget like --kv-cache-memory 1000TB met (simulated: a real attempt could wake
+    the OOM killer on a machine that overcommits memory)."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "500000000000000 bytes.\nmore detail")
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nThe cat\n")
+    monkeypatch.setattr("kvgen.cache.torch.zeros", refuse)
+    code, err = _run(capsys, "generate", "--model", str(STORIES / "stories260K.bin"),
+                     "--prompts-file", str(prompts), "--kv-cache-memory", "1000TB")
+    _assert_one_line_error(code, err, "cannot allocate", "KV cache", "can't allocate memory")
+
+
+def test_bench_refuses_before_it_runs(capsys, tmp_path, monkeypatch):
+    """A bad --plot folder or engine name is refused before any model is built or loaded."""
+    monkeypatch.setattr("kvgen.bench._random_model", lambda *a: pytest.fail("model built"))
+    code, err = _run(capsys, "bench", "--shape", "tiny", "--plot",
+                     str(tmp_path / "missing" / "x.png"))
+    _assert_one_line_error(code, err, "--plot", "does not exist")
+    code, err = _run(capsys, "bench", "--shape", "tiny", "--engine", "foo")
+    _assert_one_line_error(code, err, "unknown engine", "foo")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import paged_attention
+from ..cache import allocate
 from ..config import ModelConfig
 from ..errors import KvgenError
 from ..hardware import parse_bytes
@@ -62,8 +63,8 @@ class PagedKVCache:
         shape = (cfg.n_layers, cfg.n_kv_heads, num_blocks * block_size, cfg.head_dim)
         # Zeros, not empty: padding keys read from unused slots are masked, but a NaN in masked
         # values would still reach the output through the attention weights' zeros.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layers, kv_heads, slots, hd]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = allocate(shape, dtype, device)  # [layers, kv_heads, slots, hd]
+        self.v = allocate(shape, dtype, device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self._scratch = torch.empty(0, dtype=dtype, device=device)
 

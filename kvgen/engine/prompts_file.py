@@ -17,7 +17,11 @@ def read_prompts_file(path) -> list:
     file holds one prompt per line. Blank lines are skipped either way.
     """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise KvgenError(f"{path}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})"
+                         ) from None
     json_lines = path.suffix.lower() in (".jsonl", ".ndjson")
     prompts = []
     for number, line in enumerate(lines, start=1):
