@@ -90,16 +90,18 @@ def load(name: str):
         import torch  # noqa: F401  (loaded first, so that its libgomp is the one we bind to)
 
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        # One warning per process: the second kernel fails for the reason the first did.
+        warn = log.warning if all(_loaded.values()) else log.info
         if compiler is None:
-            log.warning("no C compiler found: kvgen's C kernels (%s) are off, and slower "
-                        "PyTorch routes take their place; install gcc to have them", name)
+            warn("no C compiler found: kvgen's C kernels (%s) are off, and slower PyTorch "
+                 "routes take their place; install gcc to have them", name)
             _loaded[name] = False
         else:
             try:
                 _loaded[name] = ctypes.CDLL(str(_build(name, compiler)))
             except (OSError, subprocess.SubprocessError) as e:
-                log.warning("building kvgen's C kernel %s failed, a slower PyTorch route "
-                            "takes its place: %s", name, getattr(e, "stderr", "") or e)
+                warn("building kvgen's C kernel %s failed, a slower PyTorch route takes its "
+                     "place: %s", name, getattr(e, "stderr", "") or e)
                 _loaded[name] = False
     return _loaded[name] or None
 

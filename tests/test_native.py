@@ -45,5 +45,7 @@ def test_a_failing_compiler_gives_none_and_a_warning(fresh, monkeypatch, caplog,
     monkeypatch.setenv("CC", compiler)
     with caplog.at_level(logging.WARNING, logger="kvgen.native"):
         assert native.load("paged_attention") is None
+        assert native.load("matvec") is None  # fails for the same reason: not warned again
     assert "failed" in caplog.text
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     assert not list((fresh / "kvgen").glob("*.so"))  # no half-built file left behind
