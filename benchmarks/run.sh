@@ -33,7 +33,7 @@ run gpt2_prefill512 kvgen bench --shape gpt2 --prompt-len 512 --new-tokens 4 --r
 run gpt2_uncached256 kvgen bench --shape gpt2 --prompt-len 32 --new-tokens 256 --repeats 1 \
     --engine "kvgen cache" --engine "kvgen no-cache" --json --plot docs/step_latency.png
 run gpt2_uncached256_b16 kvgen bench --shape gpt2 --batch 16 --prompt-len 32 --new-tokens 256 \
-    --repeats 1 --engine "kvgen cache" --engine "kvgen no-cache" --json
+    --repeats 3 --engine "kvgen cache" --engine "kvgen no-cache" --json
 echo "engine: python benchmarks/engine_bench.py --json $OUT/engine.json" >> "$OUT/commands.txt"
 python benchmarks/engine_bench.py --json "$OUT/engine.json"
 echo "matvec_routes: python benchmarks/matvec_routes.py --json $OUT/matvec_routes.json" \
