@@ -220,7 +220,7 @@ SMALL_MODEL_PARAMS = 20_000_000
 MAX_THREADS_PER_CORE = 4
 
 
-def check_threads(threads):
+def _check_threads(threads):
     """Raise KvgenError unless threads is None or 1 .. MAX_THREADS_PER_CORE x logical cores."""
     cores = os.cpu_count() or 1
     if threads is not None and not 1 <= threads <= MAX_THREADS_PER_CORE * cores:
@@ -234,7 +234,7 @@ def _set_threads(threads, llm):
     that another process holds stalls every step)."""
     import torch
 
-    check_threads(threads)
+    _check_threads(threads)
     if threads is None and sum(p.numel() for p in llm.model.parameters()) < SMALL_MODEL_PARAMS:
         threads = 1
     if threads is not None:
@@ -314,7 +314,7 @@ def _listen(host: str, port: int):
     return listening
 
 
-def check_plot_path(path):
+def _check_plot_path(path):
     """Raise KvgenError if a picture cannot be written at path (checked before the work)."""
     folder = Path(path).resolve().parent
     if not folder.is_dir():
@@ -328,9 +328,9 @@ def _bench(args) -> int:
 
     from .bench import bench, plot_report
 
-    check_threads(args.threads)
+    _check_threads(args.threads)
     if args.plot:
-        check_plot_path(args.plot)
+        _check_plot_path(args.plot)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     report = bench(args.model, shape=args.shape, batches=args.batch or [1],
@@ -381,7 +381,7 @@ def _plan(args) -> int:
              memory=args.memory, hardware=args.hardware, measure=args.measure, tp=args.tp,
              block_size=args.block_size)
     if args.plot:
-        check_plot_path(args.plot)
+        _check_plot_path(args.plot)
         print(f"wrote {plot_plan(p, args.plot)}", file=sys.stderr)
     print(p.to_json() if args.json else "\n".join(_plan_lines(p)))
     return 0

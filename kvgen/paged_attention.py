@@ -137,17 +137,27 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+# Every layer of a decode step gets the same mask tensor: its first visible keys are worked
+# out once. Holding the mask keeps its id from being reused by another tensor.
+_last_mask: tuple = (None, None)  # (mask, what _first_visible_key returned for it)
+
+
 def _first_visible_key(mask: torch.Tensor, b: int, n_keys: int) -> torch.Tensor | None:
     """Return each row's first visible key (int32 [b]) for a mask [b, 1, 1, n_keys] that shows
     every key from there on, or None for any other mask (one that broadcasts, too: the kernel
     reads b entries)."""
-    if mask.dtype != torch.bool or mask.shape != (b, 1, 1, n_keys):
-        return None
-    visible = mask[:, 0, 0]
-    first_key = n_keys - visible.sum(-1, dtype=torch.int32)
-    # A suffix exactly when the first visible key (argmax: the first True) is n_keys - count.
-    if not bool((visible.to(torch.uint8).argmax(-1) == first_key).all()):
-        return None
+    global _last_mask
+    if _last_mask[0] is mask:
+        return _last_mask[1]
+
+    first_key = None
+    if mask.dtype == torch.bool and mask.shape == (b, 1, 1, n_keys):
+        visible = mask[:, 0, 0]
+        count_from = n_keys - visible.sum(-1, dtype=torch.int32)
+        # A suffix exactly when the first visible key (argmax: the first True) is there.
+        if bool((visible.to(torch.uint8).argmax(-1) == count_from).all()):
+            first_key = count_from
+    _last_mask = (mask, first_key)
     return first_key
 
 
